@@ -1,0 +1,48 @@
+"""The message contract between server and clients: every record name, config
+key and metric key that crosses the wire is defined here, once.
+
+Both sides import these names; neither spells a key as a string literal.
+Keys are hyphenated like Flower's own (`num-examples`, `server-round`).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- message types -----------------------------------------------------------
+#: Flower routes a message of type "train.explore" to ``@app.train("explore")``.
+EXPLORE_ACTION: Final = "explore"
+
+# --- record names inside a RecordDict ---------------------------------------
+ARRAYS: Final = "arrays"  #: model view (dense ArrayRecord) or update
+PAYLOAD: Final = "payload"  #: sparse wire payload (ConfigRecord of bytes, fl/wire)
+MASK: Final = "mask"  #: the mask, only when it changed since the client last saw it
+CONFIG: Final = "config"  #: ConfigRecord with the keys below
+METRICS: Final = "metrics"  #: MetricRecord with the keys below
+
+# --- config keys (server -> client) ------------------------------------------
+SERVER_ROUND: Final = "server-round"
+PHASE: Final = "phase"  #: "explore" or "train"
+PHASE_EXPLORE: Final = "explore"
+PHASE_TRAIN: Final = "train"
+LR: Final = "lr"
+LOCAL_EPOCHS: Final = "local-epochs"
+BATCH_SIZE: Final = "batch-size"
+OPTIMIZER: Final = "optimizer"
+MOMENTUM: Final = "momentum"
+WEIGHT_DECAY: Final = "weight-decay"
+PROXIMAL_MU: Final = "proximal-mu"  #: same key Flower's FedProx sends
+MARGIN_LAMBDA: Final = "margin-lambda"  #: FedLD margin control (0 = off)
+EXPERIMENT: Final = "experiment"  #: the resolved experiment config as JSON
+MASK_VERSION: Final = "mask-version"
+
+# --- metric keys (client -> server) ------------------------------------------
+NUM_EXAMPLES: Final = "num-examples"  #: the key Flower's FedAvg weights by
+TRAIN_LOSS: Final = "train-loss"
+TRAIN_SECONDS: Final = "train-seconds"
+TRAIN_FLOPS: Final = "train-flops"
+BYTES_DOWN: Final = "bytes-down"
+BYTES_UP: Final = "bytes-up"
+PEAK_MEMORY_MB: Final = "peak-memory-mb"
+EVAL_LOSS: Final = "eval-loss"
+EVAL_ACCURACY: Final = "eval-accuracy"
