@@ -15,7 +15,8 @@ EXPLORE_ACTION: Final = "explore"
 
 # --- record names inside a RecordDict ---------------------------------------
 ARRAYS: Final = "arrays"  #: model view (dense ArrayRecord) or update
-PAYLOAD: Final = "payload"  #: sparse wire payload (ConfigRecord of bytes, fl/wire)
+PAYLOAD: Final = "payload"  #: sparse wire payload (ArrayRecord of raw bytes, fl/wire)
+PAYLOAD_BYTES: Final = "wire-bytes"  #: key of the encoded bytes inside the PAYLOAD record
 MASK: Final = "mask"  #: the mask, only when it changed since the client last saw it
 CONFIG: Final = "config"  #: ConfigRecord with the keys below
 METRICS: Final = "metrics"  #: MetricRecord with the keys below
