@@ -1,0 +1,1 @@
+"""The Flower ClientApp: a message in, local training or evaluation, a reply out."""

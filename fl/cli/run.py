@@ -1,0 +1,133 @@
+"""``bonsai run FILE [--set KEY=VALUE ...]``: one experiment in Flower's simulation
+runtime (Ray), with a live per-round table, a results folder, and nothing left
+running afterwards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from rich.console import Console
+
+from fl.cli.common import fail, load_or_fail
+from fl.config import ExperimentConfig, to_flat
+from fl.progress import human_bytes, watch
+from fl.results import SUMMARY_JSON
+from fl.runtime import RuntimeFailure, SimulationRuntime
+
+DEFAULT_FILE = "simulations/quickstart.yaml"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an experiment in Flower's simulation runtime")
+    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help=f"default: {DEFAULT_FILE}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set rounds=20 --set partition.alpha=0.1")
+    p.add_argument("--quiet", action="store_true", help="no live table")
+    p.set_defaults(func=run)
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *path, last = key.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def federation_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Flower's federation settings for this experiment (SuperNodes and their resources)."""
+    return {
+        "num-supernodes": cfg.partition.num_clients,
+        "client-resources-num-cpus": cfg.resources.client_cpus,
+        "client-resources-num-gpus": cfg.resources.client_gpus,
+    }
+
+
+def prepare_run_dir(cfg: ExperimentConfig) -> Path:
+    """Create OUTPUT_DIR/NAME-TIMESTAMP (absolute) and pin it in the config."""
+    if not cfg.run_dir:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.output_dir).expanduser().resolve() / f"{cfg.name}-{stamp}"
+        path, i = base, 1
+        while path.exists():
+            path, i = base.with_name(f"{base.name}-{i}"), i + 1
+        cfg.run_dir = str(path)
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    if (run_dir / SUMMARY_JSON).exists():
+        raise RuntimeFailure(f"run_dir: {str(run_dir)!r} already holds a finished run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    return run_dir
+
+
+def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
+                   live: bool = True) -> dict[str, Any]:
+    """Run ``cfg`` through ``flwr run`` on a private SuperLink; return its summary.
+
+    Raises RuntimeFailure when the run does not produce a summary.
+    """
+    console = console or Console()
+    run_dir = prepare_run_dir(cfg)
+    run_config = run_dir / "run_config.toml"
+    run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
+    with SimulationRuntime(run_dir) as rt:
+        proc = rt.flwr_run(run_config, federation_config(cfg))
+        if live:
+            watch(run_dir, cfg.rounds, lambda: proc.poll() is None, console)
+        rc = proc.wait()
+    summary_path = run_dir / SUMMARY_JSON
+    if not summary_path.exists():
+        tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeFailure(
+            f"the run ended (flwr exit code {rc}) without a summary; last lines of "
+            f"{run_dir / 'flower.log'}:\n" + "\n".join(tail)
+        )
+    return json.loads(summary_path.read_text())
+
+
+def _print_summary(console: Console, s: dict[str, Any], seconds: float) -> None:
+    acc = s.get("final_accuracy")
+    console.print()
+    console.print(
+        f"[bold]done[/bold] in {seconds:.1f} s: {s.get('rounds')} rounds of "
+        f"{s.get('strategy')}, final accuracy {100 * acc:.2f}% (best "
+        f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}), "
+        f"{human_bytes(s.get('total_bytes_down', 0))} down, "
+        f"{human_bytes(s.get('total_bytes_up', 0))} up", soft_wrap=True
+    )
+    console.print(f"results: {s.get('run_dir')}", soft_wrap=True)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_or_fail(args.file, args.overrides)
+    if isinstance(cfg, int):
+        return cfg
+    console = Console()
+    # Ctrl-C and a kill end the run cleanly, also where the shell started us with
+    # SIGINT ignored (a background job)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    t0 = time.perf_counter()
+    try:
+        summary = run_simulation(cfg, console, live=not args.quiet)
+    except KeyboardInterrupt:
+        return fail(f"interrupted; every process was stopped; partial results in {cfg.run_dir}",
+                    code=130)
+    except RuntimeFailure as e:
+        return fail(str(e), code=1)
+    _print_summary(console, summary, time.perf_counter() - t0)
+    return 0

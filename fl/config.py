@@ -1,0 +1,282 @@
+"""One typed experiment config, loaded from YAML, overridden with ``key=value``,
+validated before anything starts.
+
+The same schema is the Flower run config: every field is a flat dotted key
+(``partition.alpha``) with its default in ``[tool.flwr.app.config]`` of
+pyproject.toml, so ``flwr run .`` and ``bonsai run`` read the same settings
+(a test keeps the two in step). ``to_flat`` / ``from_flat`` convert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A config problem; ``problems`` holds one line per bad key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _f(default: Any, *, choices: Iterable[Any] | None = None, lo: float | None = None,
+       hi: float | None = None, lo_open: bool = False, doc: str = "") -> Any:
+    """A config field with its allowed values (checked by :func:`validate`)."""
+    meta = {"choices": tuple(choices) if choices else None, "lo": lo, "hi": hi,
+            "lo_open": lo_open, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = _f("digits", choices=("digits", "synthetic", "npz", "hf"),
+                   doc="digits | synthetic | npz (local file) | hf (Hugging Face by name)")
+    path: str = _f("", doc="npz file with x/y arrays (name=npz)")
+    hf_name: str = _f("", doc="Hugging Face dataset id (name=hf), e.g. uoft-cs/cifar10")
+    test_fraction: float = _f(0.2, lo=0.0, hi=0.9, lo_open=True,
+                              doc="held-out centralized test split")
+    synthetic_alpha: float = _f(1.0, lo=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
+    synthetic_beta: float = _f(1.0, lo=0.0, doc="Synthetic(alpha, beta): data heterogeneity")
+    synthetic_devices: int = _f(30, lo=1, doc="devices the generator draws from")
+    synthetic_samples: int = _f(6000, lo=10, doc="total synthetic examples")
+
+
+@dataclass
+class PartitionConfig:
+    kind: str = _f("dirichlet", choices=("iid", "dirichlet", "pathological", "shard", "natural"))
+    num_clients: int = _f(10, lo=1, hi=100_000)
+    alpha: float = _f(0.5, lo=0.0, lo_open=True, doc="Dirichlet concentration")
+    classes_per_client: int = _f(2, lo=1, doc="pathological: classes per client")
+    shards_per_client: int = _f(2, lo=1, doc="shard: shards per client")
+    min_size: int = _f(2, lo=0, doc="dirichlet: resample until every client has this many")
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = _f(2, lo=1, hi=1000)
+    batch_size: int = _f(16, lo=1)
+    lr: float = _f(0.05, lo=0.0, lo_open=True)
+    optimizer: str = _f("sgd", choices=("sgd", "adamw"))
+    momentum: float = _f(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _f(0.0, lo=0.0)
+
+
+@dataclass
+class ObjectiveConfig:
+    margin_lambda: float = _f(0.0, lo=0.0, doc="FedLD margin control; 0 = plain cross-entropy")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = _f("fedavg", choices=("fedavg", "fedavgm", "fedprox"))
+    fraction_train: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    fraction_evaluate: float = _f(0.0, lo=0.0, hi=1.0, doc="federated evaluation (0 = off)")
+    min_train_clients: int = _f(2, lo=1)
+    server_lr: float = _f(1.0, lo=0.0, lo_open=True, doc="fedavgm server learning rate")
+    server_momentum: float = _f(0.9, lo=0.0, hi=1.0, doc="fedavgm momentum")
+    proximal_mu: float = _f(0.01, lo=0.0, doc="fedprox proximal term mu")
+    round_timeout: float = _f(600.0, lo=0.0, lo_open=True, doc="seconds to wait for replies")
+
+
+@dataclass
+class ResourcesConfig:
+    client_cpus: int = _f(1, lo=1, doc="CPUs per simulated client (whole numbers)")
+    client_gpus: float = _f(0.0, lo=0.0, hi=1.0, doc="GPU fraction per client")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = _f("quickstart")
+    seed: int = _f(0, lo=0)
+    rounds: int = _f(30, lo=1, hi=100_000)
+    model: str = _f("cnn", choices=("mlp", "cnn", "resnet8"))
+    output_dir: str = _f("results", doc="results go to OUTPUT_DIR/NAME-TIMESTAMP")
+    run_dir: str = _f("", doc="this run's folder (set by `bonsai run`; empty = derived)")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+
+def _leaves(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
+    out: dict[str, dataclasses.Field] = {}
+    for f in fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if callable(f.default_factory) else None):
+            out.update(_leaves(f.default_factory, prefix + f.name + "."))  # type: ignore[arg-type]
+        else:
+            out[prefix + f.name] = f
+    return out
+
+
+#: every config key as a flat dotted name -> its dataclass field
+FIELDS: dict[str, dataclasses.Field] = _leaves(ExperimentConfig)
+
+
+def to_flat(cfg: ExperimentConfig) -> dict[str, Scalar]:
+    """Flatten to dotted keys (the Flower run-config form)."""
+    out: dict[str, Scalar] = {}
+    for key in FIELDS:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        out[key] = obj
+    return out
+
+
+def _set(cfg: ExperimentConfig, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    obj: Any = cfg
+    for part in path:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def _coerce(key: str, value: Any, problems: list[str]) -> Any:
+    want = type(FIELDS[key].default)
+    is_bool = isinstance(value, bool)
+    if want is float and isinstance(value, int) and not is_bool:
+        return float(value)
+    if isinstance(value, want) and (want is bool or not is_bool):
+        return value
+    problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected {want.__name__}")
+    return None
+
+
+def _check_range(key: str, value: Any, problems: list[str]) -> None:
+    m = FIELDS[key].metadata
+    if m.get("choices") and value not in m["choices"]:
+        allowed = ", ".join(map(str, m["choices"]))
+        problems.append(f"{key}: got {value!r}; allowed: {allowed}")
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}: got {value!r}; expected a finite number")
+            return
+        lo, hi = m.get("lo"), m.get("hi")
+        if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
+            op = ">" if m.get("lo_open") else ">="
+            problems.append(f"{key}: got {value!r}; allowed: {op} {lo}")
+        elif hi is not None and value > hi:
+            problems.append(f"{key}: got {value!r}; allowed: <= {hi}")
+
+
+def _flatten_yaml(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = prefix + str(k)
+        if isinstance(v, Mapping):
+            out.update(_flatten_yaml(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"partition.alpha=0.1"`` -> ``("partition.alpha", 0.1)`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected KEY=VALUE, e.g. rounds=20"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build(values: Mapping[str, Any]) -> ExperimentConfig:
+    """Build and validate a config from flat dotted keys; raise ConfigError listing
+    every problem (unknown key, wrong type, out of range, inconsistent pair)."""
+    problems: list[str] = []
+    cfg = ExperimentConfig()
+    for key, value in values.items():
+        if key not in FIELDS:
+            near = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            problems.append(f"{key}: unknown key{hint} (see `bonsai keys`)")
+            continue
+        v = _coerce(key, value, problems)
+        if v is None:
+            continue
+        _check_range(key, v, problems)
+        _set(cfg, key, v)
+    if not problems:
+        problems.extend(_cross_checks(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _cross_checks(cfg: ExperimentConfig) -> list[str]:
+    from fl.models import requires_image  # local: keep config importable on its own
+
+    p: list[str] = []
+    n = cfg.partition.num_clients
+    if cfg.strategy.min_train_clients > n:
+        p.append(f"strategy.min_train_clients: got {cfg.strategy.min_train_clients}; "
+                 f"allowed: <= partition.num_clients ({n})")
+    if cfg.dataset.name == "synthetic" and requires_image(cfg.model):
+        p.append(f"model: got {cfg.model!r}; the synthetic dataset is vectors, allowed: mlp")
+    if cfg.dataset.name == "npz" and not cfg.dataset.path:
+        p.append("dataset.path: got ''; dataset.name=npz needs the path of an .npz file")
+    if cfg.dataset.name == "hf" and not cfg.dataset.hf_name:
+        p.append("dataset.hf_name: got ''; dataset.name=hf needs a Hugging Face dataset id")
+    if cfg.partition.kind == "natural" and cfg.dataset.name != "synthetic":
+        p.append(f"partition.kind: got 'natural'; only dataset.name=synthetic has natural "
+                 f"client ids (got {cfg.dataset.name!r})")
+    return p
+
+
+def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``KEY=VALUE`` overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"experiment file: {str(p)!r} does not exist"])
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"experiment file {str(p)!r}: not valid YAML ({e})"]) from None
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"experiment file {str(p)!r}: expected a mapping of keys"])
+        values.update(_flatten_yaml(data))
+    for text in overrides:
+        k, v = parse_override(text)
+        values[k] = v
+    return build(values)
+
+
+def from_flat(run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """Build from a Flower run config (``context.run_config``); extra keys are errors."""
+    return build(dict(run_config))
+
+
+def to_json(cfg: ExperimentConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, allowed / meaning) for every key: what `bonsai keys` prints."""
+    rows = []
+    for key, f in FIELDS.items():
+        m = f.metadata
+        allowed = m.get("doc") or ""
+        if m.get("choices"):
+            allowed = " | ".join(map(str, m["choices"])) + (f"  ({m['doc']})" if m["doc"] else "")
+        rows.append((key, repr(f.default), allowed))
+    return rows

@@ -1,0 +1,243 @@
+"""Datasets and their federated partitions.
+
+A dataset is loaded once into memory as ``(x, y)`` tensors, split into a
+training pool and a held-out centralized test split (stratified, seeded), and
+the pool is partitioned across clients with flwr-datasets' partitioners. The
+partitioners only see a two-column table (``label``, ``idx``): a partition is a
+set of row indices into the in-memory arrays, so nothing is copied per client.
+
+Datasets: ``digits`` (scikit-learn's bundled 8x8 real images, offline),
+``synthetic`` (the FedProx Synthetic(alpha, beta) generator, Li et al., MLSys
+2020), ``npz`` (a local file with ``x``/``y`` arrays; what a deployed node
+brings) and ``hf`` (any Hugging Face dataset through flwr-datasets; needs the
+network).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """Examples as tensors: ``x`` float32 (N, *input_shape), ``y`` int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A training pool, its client partitions (row indices) and the test split."""
+
+    train: Arrays
+    test: Arrays
+    partitions: tuple[np.ndarray, ...]
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def client(self, partition_id: int) -> Arrays:
+        """The examples of client ``partition_id``."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(
+                f"partition-id: got {partition_id}; allowed: 0..{len(self.partitions) - 1}"
+            )
+        idx = torch.from_numpy(self.partitions[partition_id])
+        return Arrays(self.train.x[idx], self.train.y[idx])
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded or does not fit the config."""
+
+
+# --- loaders -----------------------------------------------------------------
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8) in [0, 1]
+    return x, d.target.astype(np.int64)
+
+
+def synthetic(
+    alpha: float, beta: float, devices: int, samples: int, seed: int, dim: int = 60,
+    classes: int = 10,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FedProx's Synthetic(alpha, beta) generator (Li et al., MLSys 2020, sec. 5.1).
+
+    Device k draws u_k ~ N(0, alpha), B_k ~ N(0, beta); its model W_k, b_k ~
+    N(u_k, 1) and its inputs x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1) and
+    Sigma = diag(j^-1.2); labels y = argmax softmax(W_k x + b_k). Device sizes
+    follow a power law (lognormal), as in the paper. Returns (x, y, device).
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.lognormal(4.0, 2.0, devices) + 50
+    sizes = np.maximum(1, np.round(sizes / sizes.sum() * samples)).astype(np.int64)
+    sigma = np.arange(1, dim + 1, dtype=np.float64) ** -1.2
+    xs, ys, ds = [], [], []
+    for k, n in enumerate(sizes):
+        u, b_mean = rng.normal(0, np.sqrt(alpha)), rng.normal(0, np.sqrt(beta))
+        w = rng.normal(u, 1.0, (dim, classes))
+        b = rng.normal(u, 1.0, classes)
+        v = rng.normal(b_mean, 1.0, dim)
+        x = rng.normal(v, np.sqrt(sigma), (n, dim))
+        ys.append(np.argmax(x @ w + b, axis=1))
+        xs.append(x)
+        ds.append(np.full(n, k))
+    return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64),
+            np.concatenate(ds).astype(np.int64))
+
+
+def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """An .npz file with ``x`` (N, ...) float and ``y`` (N,) integer labels."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"dataset.path: {str(p)!r} does not exist")
+    with np.load(p, allow_pickle=False) as f:
+        missing = {"x", "y"} - set(f.files)
+        if missing:
+            raise DataError(f"dataset.path: {str(p)!r} has no array(s) {sorted(missing)}; "
+                            f"found {f.files}")
+        x, y = f["x"], f["y"]
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"dataset.path: {str(p)!r}: x must be (N, ...) and y (N,), got "
+                        f"{x.shape} and {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise DataError(f"dataset.path: {str(p)!r}: y must hold non-negative integer labels")
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _hf(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and test splits of a Hugging Face image dataset (needs the network)."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    fds = FederatedDataset(dataset=name, partitioners={"train": IidPartitioner(1)})
+
+    def to_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+        cols = ds.column_names
+        img = next((c for c in ("img", "image", "pixels", "x") if c in cols), None)
+        lab = next((c for c in ("label", "fine_label", "character", "y") if c in cols), None)
+        if img is None or lab is None:
+            raise DataError(f"dataset.hf_name: {name!r} has columns {cols}; expected an image "
+                            "column (img/image) and a label column (label)")
+        x = np.stack([np.asarray(v, dtype=np.float32) for v in ds[img]]) / 255.0
+        x = x[:, None] if x.ndim == 3 else np.transpose(x, (0, 3, 1, 2))
+        return x.astype(np.float32), np.asarray(ds[lab], dtype=np.int64)
+
+    xtr, ytr = to_arrays(fds.load_split("train"))
+    xte, yte = to_arrays(fds.load_split("test"))
+    return xtr, ytr, xte, yte
+
+
+# --- split and partition ------------------------------------------------------
+def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    counts = np.bincount(y)
+    strat = y if counts[counts > 0].min() >= 2 else None
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
+    return np.sort(tr), np.sort(te)
+
+
+def make_partitioner(cfg: PartitionConfig, seed: int):
+    """The flwr-datasets partitioner for ``cfg`` (seeded)."""
+    from flwr_datasets import partitioner as fp
+
+    n = cfg.num_clients
+    if cfg.kind == "iid":
+        return fp.IidPartitioner(n)  # contiguous chunks of the seeded-shuffled pool
+    if cfg.kind == "dirichlet":
+        return fp.DirichletPartitioner(n, "label", cfg.alpha, min_partition_size=cfg.min_size,
+                                       self_balancing=False, shuffle=True, seed=seed)
+    if cfg.kind == "pathological":
+        return fp.PathologicalPartitioner(n, "label", cfg.classes_per_client,
+                                          class_assignment_mode="first-deterministic",
+                                          shuffle=True, seed=seed)
+    if cfg.kind == "shard":
+        return fp.ShardPartitioner(n, "label", num_shards_per_partition=cfg.shards_per_client,
+                                   shuffle=True, seed=seed)
+    if cfg.kind == "natural":
+        return fp.NaturalIdPartitioner("device")
+    raise ValueError(f"partition.kind: unknown value {cfg.kind!r}")
+
+
+def partition_indices(
+    labels: np.ndarray, cfg: PartitionConfig, seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
+    """Row indices of each client's examples, computed by a flwr-datasets partitioner."""
+    from datasets import Dataset
+
+    cols = {"label": labels.tolist(), "idx": np.arange(len(labels)).tolist()}
+    if groups is not None:
+        cols["device"] = groups.tolist()
+    part = make_partitioner(cfg, seed)
+    part.dataset = Dataset.from_dict(cols)
+    if cfg.kind == "natural" and part.num_partitions != cfg.num_clients:
+        raise DataError(f"partition.num_clients: got {cfg.num_clients}; the natural split of "
+                        f"this dataset has {part.num_partitions} clients")
+    try:
+        parts = [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
+                 for i in range(cfg.num_clients)]
+    except ValueError as e:  # e.g. Dirichlet cannot satisfy min_partition_size
+        raise DataError(f"partition: {e}") from None
+    return tuple(parts)
+
+
+@lru_cache(maxsize=2)  # one dataset per process: data is cached, never client state
+def _load_cached(ds: tuple, part: tuple, seed: int) -> FederatedData:
+    dcfg = DatasetConfig(*ds)
+    pcfg = PartitionConfig(*part)
+    groups = None
+    if dcfg.name == "hf":
+        xtr, ytr, xte, yte = _hf(dcfg.hf_name)
+        train_x, train_y, test_x, test_y = xtr, ytr, xte, yte
+    else:
+        if dcfg.name == "digits":
+            x, y = _digits()
+        elif dcfg.name == "synthetic":
+            x, y, groups = synthetic(dcfg.synthetic_alpha, dcfg.synthetic_beta,
+                                     dcfg.synthetic_devices, dcfg.synthetic_samples, seed)
+        else:
+            x, y = load_npz(dcfg.path)
+        tr, te = _stratified_split(y, dcfg.test_fraction, seed)
+        # shuffle the pool with the seed so that order-based partitioners are seeded too
+        tr = tr[np.random.default_rng(seed).permutation(len(tr))]
+        train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
+        groups = groups[tr] if groups is not None else None
+    num_classes = int(max(train_y.max(), test_y.max()) + 1)
+    parts = partition_indices(train_y, pcfg, seed, groups)
+    return FederatedData(
+        train=Arrays(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+        test=Arrays(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+        partitions=parts,
+        input_shape=tuple(train_x.shape[1:]),
+        num_classes=num_classes,
+    )
+
+
+def load_federated(cfg: ExperimentConfig) -> FederatedData:
+    """Load ``cfg.dataset``, split off the test set and partition the rest (cached)."""
+    d, p = cfg.dataset, cfg.partition
+    return _load_cached(
+        tuple(getattr(d, f) for f in DatasetConfig.__dataclass_fields__),
+        tuple(getattr(p, f) for f in PartitionConfig.__dataclass_fields__),
+        cfg.seed,
+    )
+
+
+def dataset_info(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
+    """(input_shape, num_classes) without building partitions where avoidable."""
+    fd = load_federated(cfg)
+    return fd.input_shape, fd.num_classes

@@ -1,0 +1,98 @@
+"""Per-round records, the run summary, and the files a user plots.
+
+A run directory holds:
+  config.json    the resolved experiment config
+  rounds.jsonl   one JSON object per round, appended and flushed as it ends
+  rounds.csv     the same records as a table (rewritten each round)
+  summary.json   final and best accuracy, totals, wall time
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROUNDS_JSONL = "rounds.jsonl"
+ROUNDS_CSV = "rounds.csv"
+SUMMARY_JSON = "summary.json"
+CONFIG_JSON = "config.json"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Writes the records of one run as they happen (nothing lost on a crash)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+
+    def write_config(self, config_json: str) -> None:
+        _atomic_write(self.dir / CONFIG_JSON, config_json + "\n")
+
+    def add_round(self, record: Mapping[str, Any]) -> None:
+        """Append one round: a line of rounds.jsonl (flushed) and the whole CSV."""
+        rec = dict(record)
+        self.rounds.append(rec)
+        with open(self.dir / ROUNDS_JSONL, "a") as f:
+            f.write(json.dumps(rec, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        columns: list[str] = []
+        for r in self.rounds:
+            columns += [k for k in r if k not in columns]
+        tmp = self.dir / (ROUNDS_CSV + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(self.rounds)
+        os.replace(tmp, self.dir / ROUNDS_CSV)
+
+    def write_summary(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Summarise the rounds so far into summary.json and return it."""
+        summary = summarize(self.rounds)
+        summary.update(extra or {})
+        _atomic_write(self.dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def summarize(rounds: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Final and best accuracy, totals of bytes and seconds over the trained rounds."""
+    trained = [r for r in rounds if r.get("round", 0) > 0]
+    if not rounds:
+        return {"rounds": 0}
+    acc = [r["accuracy"] for r in rounds if "accuracy" in r]
+    last = rounds[-1]
+    return {
+        "rounds": len(trained),
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "best_accuracy": max(acc) if acc else None,
+        "best_round": rounds[acc.index(max(acc))]["round"] if acc else None,
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in trained),
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in trained),
+        "train_seconds": sum(r.get("seconds", 0.0) for r in trained),
+    }
+
+
+def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The round records of a run directory (tolerates a half-written last line)."""
+    path = Path(run_dir) / ROUNDS_JSONL
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out

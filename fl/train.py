@@ -1,0 +1,111 @@
+"""Local training and evaluation of one client's model on its own examples."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fl.config import TrainConfig
+from fl.data import Arrays
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a client reports after local training."""
+
+    loss: float  #: mean training objective over the last epoch
+    num_examples: int
+    seconds: float
+    steps: int
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("resources.device: got 'cuda' but no CUDA device is visible")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The local optimizer named by ``train.optimizer``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def objective(
+    logits: torch.Tensor, targets: torch.Tensor, margin_lambda: float = 0.0
+) -> torch.Tensor:
+    """Cross-entropy, plus FedLD's margin control when ``margin_lambda > 0``."""
+    return F.cross_entropy(logits, targets)
+
+
+def train(
+    model: nn.Module,
+    data: Arrays,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    margin_lambda: float = 0.0,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.local_epochs`` epochs on ``data``.
+
+    Mini-batches are drawn with a generator seeded by ``seed``: the same seed
+    gives the same batches, so a rerun reproduces the run. With
+    ``proximal_mu > 0`` the FedProx term mu/2 ||w - w_global||^2 (Li et al.,
+    MLSys 2020) pulls towards the weights the model had on entry.
+    """
+    if len(data) == 0:
+        raise ValueError("data: this client has no examples to train on")
+    model.to(device).train()
+    opt = make_optimizer(model, cfg)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    gen = torch.Generator().manual_seed(seed)
+    x, y = data.x.to(device), data.y.to(device)
+    n = len(data)
+    t0 = time.perf_counter()
+    steps, last_epoch_loss = 0, 0.0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=gen).to(device)
+        total, count = 0.0, 0
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = objective(model(x[idx]), y[idx], margin_lambda)
+            if anchor is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            steps += 1
+        last_epoch_loss = total / count
+    return TrainResult(last_epoch_loss, n, time.perf_counter() - t0, steps)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Arrays, device: torch.device, batch_size: int = 512
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``data``."""
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        xb = data.x[start:start + batch_size].to(device)
+        yb = data.y[start:start + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    n = max(1, len(data))
+    return loss_sum / n, correct / n

@@ -1,0 +1,1 @@
+"""The Flower ServerApp: config -> strategy -> rounds -> evaluation and results."""

@@ -1,0 +1,67 @@
+"""Bonsai's ServerApp: read the experiment config, discover the federation, run
+the strategy's rounds with centralized evaluation, write the results folder."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fl import contract as k
+from fl.config import ExperimentConfig, from_flat, to_json
+from fl.data import load_federated
+from fl.models import build_model
+from fl.results import RunRecorder
+from fl.train import evaluate, pick_device
+from server.population import discover
+from server.rounds import run_rounds
+from strategies import build_strategy
+
+app = ServerApp()
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    """``run_dir`` when set (``bonsai run`` sets it), else OUTPUT_DIR/NAME-TIMESTAMP."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir).resolve() / f"{cfg.name}-{stamp}"
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
+    """Run one experiment on ``grid`` and return its summary."""
+    t0 = time.perf_counter()
+    recorder = RunRecorder(run_dir_for(cfg))
+    recorder.write_config(to_json(cfg))
+    log(20, "results folder: %s", recorder.dir)
+    fd = load_federated(cfg)
+    model = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed)
+    device = pick_device(cfg.resources.device)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, acc = evaluate(model, fd.test, device)
+        model.to("cpu")
+        return {"accuracy": acc, "loss": loss}
+
+    strategy = build_strategy(cfg)
+    strategy.set_population(discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout))
+    train_config = ConfigRecord({k.MARGIN_LAMBDA: cfg.objective.margin_lambda})
+    final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
+                       train_config, evaluate_fn, recorder, cfg.strategy.round_timeout)
+    torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
+    return recorder.write_summary({"strategy": cfg.strategy.name, "model": cfg.model,
+                                   "dataset": cfg.dataset.name,
+                                   "wall_seconds": round(time.perf_counter() - t0, 2),
+                                   "run_dir": str(recorder.dir)})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point Flower calls: the experiment config is the run config."""
+    run_experiment(grid, from_flat(context.run_config))

@@ -1,0 +1,24 @@
+"""Test-session environment: offline Flower, interpreted Triton, a private FLWR_HOME.
+
+TRITON_INTERPRET must be set before triton is imported: with it, Triton kernels
+run on CPU tensors, which is how the tests check them against the references.
+"""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+_HOME = tempfile.mkdtemp(prefix="bonsai-flwr-home-")
+os.environ.setdefault("FLWR_HOME", _HOME)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_flwr_home():
+    yield
+    shutil.rmtree(_HOME, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""Experiment config: loading, overrides, validation of every bad-input class."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fl import config as c
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def problems(*overrides: str) -> list[str]:
+    with pytest.raises(c.ConfigError) as e:
+        c.load(None, overrides)
+    return e.value.problems
+
+
+def test_defaults_and_overrides():
+    cfg = c.load(None, ["rounds=20", "partition.alpha=0.1", "train.lr=1"])
+    assert cfg.rounds == 20 and cfg.partition.alpha == 0.1
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # int accepted for float
+
+
+def test_unknown_key_names_key_and_suggests():
+    (line,) = problems("partition.alpa=0.3")
+    assert line.startswith("partition.alpa: unknown key") and "partition.alpha" in line
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("rounds=abc", "rounds: got 'abc' (str); expected int"),
+    ("rounds=true", "rounds: got True (bool); expected int"),
+    ("seed=1.5", "seed: got 1.5 (float); expected int"),
+    ("rounds=0", "rounds: got 0; allowed: >= 1"),
+    ("partition.alpha=0", "partition.alpha: got 0.0; allowed: > 0.0"),
+    ("strategy.fraction_train=1.5", "strategy.fraction_train: got 1.5; allowed: <= 1.0"),
+    ("model=vgg", "model: got 'vgg'; allowed: mlp, cnn, resnet8"),
+    ("train.lr=.nan", "train.lr: got nan; expected a finite number"),
+])
+def test_bad_type_range_choice(override, expect):
+    assert problems(override) == [expect]
+
+
+def test_every_problem_reported_at_once():
+    assert len(problems("rounds=0", "model=vgg", "nope=1")) == 3
+
+
+def test_cross_field_checks():
+    (line,) = problems("strategy.min_train_clients=20")
+    assert "partition.num_clients (10)" in line
+    (line,) = problems("dataset.name=synthetic")
+    assert line.startswith("model: got 'cnn'")
+    (line,) = problems("dataset.name=npz")
+    assert line.startswith("dataset.path")
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(c.ConfigError, match="does not exist"):
+        c.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1, 2\n")
+    with pytest.raises(c.ConfigError, match="not valid YAML"):
+        c.load(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(c.ConfigError, match="expected a mapping"):
+        c.load(bad)
+
+
+def test_flat_round_trip():
+    cfg = c.load(None, ["partition.kind=iid", "strategy.name=fedprox"])
+    assert c.from_flat(c.to_flat(cfg)) == cfg
+
+
+def test_pyproject_defaults_match_schema():
+    """`flwr run .` and `bonsai run` must read the same keys and defaults."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    from flwr.common.config import flatten_dict
+
+    flat = flatten_dict(data["tool"]["flwr"]["app"]["config"])
+    assert flat == c.to_flat(c.ExperimentConfig())
+
+
+def test_every_shipped_experiment_file_validates():
+    files = sorted((ROOT / "simulations").glob("*.yaml"))
+    assert files, "simulations/ has no experiment files"
+    for f in files:
+        assert f.read_text().startswith("# bonsai "), f"{f.name}: first line must be its command"
+    out = subprocess.run([sys.executable, "-m", "fl.cli", "validate", *map(str, files)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cli_bad_input_is_one_line_and_exit_2():
+    out = subprocess.run(
+        [sys.executable, "-m", "fl.cli", "validate", "simulations/quickstart.yaml",
+         "--set", "partition.alpha=-1"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "bonsai: error: partition.alpha: got -1.0; allowed: > 0.0"
+    out = subprocess.run([sys.executable, "-m", "fl.cli", "run", "simulations/quickstart.yaml",
+                          "--set", "rounds"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
