@@ -39,6 +39,10 @@ def _setup(context: Context) -> tuple[ExperimentConfig, int, Arrays, torch.nn.Mo
     cfg = _config(tuple(sorted(context.run_config.items())))
     torch.set_num_threads(cfg.resources.client_cpus)  # respect this client's CPU share
     pid = int(context.node_config.get("partition-id", 0))
+    parts = int(context.node_config.get("num-partitions", cfg.partition.num_clients))
+    if parts != cfg.partition.num_clients:
+        raise ValueError(f"partition.num_clients: the experiment has {cfg.partition.num_clients} "
+                         f"clients but the federation has {parts} SuperNodes")
     fd = load_federated(cfg)
     model = build_model(cfg.model, fd.input_shape, fd.num_classes)
     return cfg, pid, fd.client(pid), model

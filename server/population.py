@@ -16,15 +16,25 @@ class FederationError(RuntimeError):
     """The federation cannot run the experiment (too few nodes, no replies)."""
 
 
-def discover(grid: Grid, expected: int, timeout: float) -> list[int]:
+def discover(grid: Grid, expected: int, timeout: float, stall: float = 30.0) -> list[int]:
     """Wait for ``expected`` nodes, ask each its partition id, return node ids in
-    partition-id order (ties broken by node id)."""
-    deadline = time.monotonic() + timeout
+    partition-id order (ties broken by node id).
+
+    Gives up after ``timeout`` seconds, or after ``stall`` seconds without a new
+    node (a simulation registers all its SuperNodes at once).
+    """
+    start = last_change = time.monotonic()
+    seen = -1
     while len(nodes := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if len(nodes) != seen:
+            seen, last_change = len(nodes), now
+            log(INFO, "waiting for nodes: %d of %d connected", len(nodes), expected)
+        if now - start > timeout or now - last_change > stall:
             raise FederationError(
                 f"only {len(nodes)} of partition.num_clients={expected} nodes connected "
-                f"within {timeout:.0f} s"
+                f"(waited {now - start:.0f} s); in a simulation pass --federation-config "
+                f'"num-supernodes={expected}" to flwr run (bonsai run does this)'
             )
         time.sleep(0.5)
     msgs = [Message(RecordDict({k.CONFIG: ConfigRecord({})}), dst_node_id=nid,
