@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fl import contract as k
 from fl.config import ExperimentConfig, from_flat
-from fl.data import Arrays, load_federated
+from fl.data import Arrays, node_data
 from fl.models import build_model
 from fl.sampling import round_seed
 from fl.train import evaluate, pick_device, train
@@ -38,14 +38,9 @@ def _config(items: tuple) -> ExperimentConfig:
 def _setup(context: Context) -> tuple[ExperimentConfig, int, Arrays, torch.nn.Module]:
     cfg = _config(tuple(sorted(context.run_config.items())))
     torch.set_num_threads(cfg.resources.client_cpus)  # respect this client's CPU share
-    pid = int(context.node_config.get("partition-id", 0))
-    parts = int(context.node_config.get("num-partitions", cfg.partition.num_clients))
-    if parts != cfg.partition.num_clients:
-        raise ValueError(f"partition.num_clients: the experiment has {cfg.partition.num_clients} "
-                         f"clients but the federation has {parts} SuperNodes")
-    fd = load_federated(cfg)
-    model = build_model(cfg.model, fd.input_shape, fd.num_classes)
-    return cfg, pid, fd.client(pid), model
+    node = node_data(cfg, context.node_config)
+    model = build_model(cfg.model, node.input_shape, node.num_classes)
+    return cfg, node.partition_id, node.data, model
 
 
 @app.query()

@@ -15,9 +15,11 @@ network).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,3 +243,25 @@ def dataset_info(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
     """(input_shape, num_classes) without building partitions where avoidable."""
     fd = load_federated(cfg)
     return fd.input_shape, fd.num_classes
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """What one node trains on: its id in the population order and its examples."""
+
+    partition_id: int
+    data: Arrays
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def node_data(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> NodeData:
+    """This node's examples: its partition of the configured dataset (simulation,
+    ``partition-id``/``num-partitions`` in the node config)."""
+    pid = int(node_config.get("partition-id", 0))
+    parts = int(node_config.get("num-partitions", cfg.partition.num_clients))
+    if parts != cfg.partition.num_clients:
+        raise DataError(f"partition.num_clients: the experiment has {cfg.partition.num_clients} "
+                        f"clients but the federation has {parts} SuperNodes")
+    fd = load_federated(cfg)
+    return NodeData(pid, fd.client(pid), fd.input_shape, fd.num_classes)
