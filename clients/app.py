@@ -21,9 +21,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fl import contract as k
+from fl import wire
 from fl.config import ExperimentConfig, from_flat
-from fl.data import Arrays, node_data
+from fl.data import NodeData, node_data
 from fl.models import build_model
+from fl.pruning import (
+    count_flops,
+    prunable_names,
+    shrink_model,
+    structure_from_json,
+    training_flops_per_example,
+)
 from fl.sampling import round_seed
 from fl.train import evaluate, pick_device, train
 
@@ -35,53 +43,145 @@ def _config(items: tuple) -> ExperimentConfig:
     return from_flat(dict(items))
 
 
-def _setup(context: Context) -> tuple[ExperimentConfig, int, Arrays, torch.nn.Module]:
+def _setup(context: Context) -> tuple[ExperimentConfig, NodeData, torch.nn.Module]:
     cfg = _config(tuple(sorted(context.run_config.items())))
     torch.set_num_threads(cfg.resources.client_cpus)  # respect this client's CPU share
     node = node_data(cfg, context.node_config)
     model = build_model(cfg.model, node.input_shape, node.num_classes)
-    return cfg, node.partition_id, node.data, model
+    return cfg, node, model
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id and example count."""
-    cfg, pid, data, _ = _setup(context)
-    metrics = MetricRecord({"partition-id": pid, k.NUM_EXAMPLES: len(data)})
+    _, node, _ = _setup(context)
+    metrics = MetricRecord({"partition-id": node.partition_id,
+                            k.NUM_EXAMPLES: len(node.data)})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)
+
+
+def _train_metrics(res, model: torch.nn.Module, input_shape: tuple[int, ...],
+                   epochs: int) -> MetricRecord:
+    """num-examples, loss, seconds and the training FLOPs of the model actually trained."""
+    fwd = count_flops(model, input_shape)
+    return MetricRecord({
+        k.NUM_EXAMPLES: res.num_examples,
+        k.TRAIN_LOSS: res.loss,
+        k.TRAIN_SECONDS: res.seconds,
+        k.TRAIN_FLOPS: training_flops_per_example(fwd) * res.num_examples * epochs,
+    })
 
 
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    """Train the received model on this node's examples."""
-    cfg, pid, data, model = _setup(context)
+    """Train the received model on this node's examples.
+
+    A dense ``arrays`` record (Flower's FedAvg family) is answered with the new
+    weights; a wire ``payload`` (FedLD, AutoFLIP) with the update on kept entries.
+    """
+    if k.PAYLOAD in msg.content:
+        return _train_sparse(msg, context)
+    cfg, node, model = _setup(context)
+    pid, data = node.partition_id, node.data
     model.load_state_dict(msg.content[k.ARRAYS].to_torch_state_dict())
     conf: ConfigRecord = msg.content[k.CONFIG]
     server_round = int(conf.get(k.SERVER_ROUND, 0))
-    device = pick_device(cfg.resources.device)
     res = train(
         model, data, cfg.train,
         seed=round_seed(cfg.seed, server_round, salt=1000 + pid),
-        device=device,
+        device=pick_device(cfg.resources.device),
         margin_lambda=float(conf.get(k.MARGIN_LAMBDA, cfg.objective.margin_lambda)),
         proximal_mu=float(conf.get(k.PROXIMAL_MU, 0.0)),
     )
     model.to("cpu")
-    metrics = MetricRecord({
-        k.NUM_EXAMPLES: res.num_examples,
-        k.TRAIN_LOSS: res.loss,
-        k.TRAIN_SECONDS: res.seconds,
-    })
+    metrics = _train_metrics(res, model, node.input_shape, cfg.train.local_epochs)
     return Message(RecordDict({k.ARRAYS: ArrayRecord(model.state_dict()), k.METRICS: metrics}),
                    reply_to=msg)
+
+
+# context.state records: the mask this node holds (a wire payload) and its version
+_MASK_STATE, _MASK_META = "bonsai-mask", "bonsai-mask-meta"
+
+
+def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
+                 input_shape: tuple[int, ...], num_classes: int
+                 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
+    """Decode the payload into the (physically smaller) model and its masks.
+
+    A fresh mask (and the kept units) arrive only when the node's copy is
+    stale; otherwise the values are read against the mask kept in
+    ``context.state`` from an earlier round.
+    """
+    conf: ConfigRecord = msg.content[k.CONFIG]
+    version = int(conf.get(k.MASK_VERSION, 0))
+    meta = context.state.get(_MASK_META)
+    held = None
+    if meta is not None and int(meta["version"]) == version and _MASK_STATE in context.state:
+        held, _ = wire.decode(wire.from_record(context.state[_MASK_STATE]))
+    state, masks = wire.decode(wire.from_record(msg.content[k.PAYLOAD]), known_masks=held,
+                               known_mask_version=version if held is not None else None)
+    structure = conf.get(k.STRUCTURE, meta["structure"] if meta is not None else "")
+    if masks or k.STRUCTURE in conf:
+        context.state[_MASK_STATE] = wire.to_record(wire.encode(masks))
+        context.state[_MASK_META] = ConfigRecord({"version": version, "structure": structure})
+    masks = masks or held or {}
+    model = (shrink_model(cfg.model, input_shape, num_classes, structure_from_json(structure))
+             if structure else build_model(cfg.model, input_shape, num_classes))
+    model.load_state_dict(state)
+    return model, {n: m.bool() for n, m in masks.items()}, version
+
+
+def _train_sparse(msg: Message, context: Context) -> Message:
+    cfg, node, _ = _setup(context)
+    pid, data, shape = node.partition_id, node.data, node.input_shape
+    model, masks, version = _sparse_view(msg, context, cfg, shape, node.num_classes)
+    conf: ConfigRecord = msg.content[k.CONFIG]
+    server_round = int(conf.get(k.SERVER_ROUND, 0))
+    start = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    res = train(
+        model, data, cfg.train,
+        seed=round_seed(cfg.seed, server_round, salt=1000 + pid),
+        device=pick_device(cfg.resources.device),
+        margin_lambda=float(conf.get(k.MARGIN_LAMBDA, cfg.objective.margin_lambda)),
+        proximal_mu=float(conf.get(k.PROXIMAL_MU, 0.0)),
+        masks=masks,
+    )
+    model.to("cpu")
+    delta = {n: t - start[n] for n, t in model.state_dict().items()}
+    payload = wire.encode(delta, masks=masks or None, mask_version=version, send_mask=False,
+                          quantize=cfg.pruning.quantize)
+    metrics = _train_metrics(res, model, shape, cfg.train.local_epochs)
+    return Message(RecordDict({k.PAYLOAD: wire.to_record(payload), k.METRICS: metrics}),
+                   reply_to=msg)
+
+
+@app.train(k.EXPLORE_ACTION)
+def explore_handler(msg: Message, context: Context) -> Message:
+    """AutoFLIP exploration: train a copy of theta_0 and return the squared
+    deviation (theta_k - theta_0)^2 of every prunable weight (ALGORITHMS.md 1.1)."""
+    cfg, node, model = _setup(context)
+    pid, data = node.partition_id, node.data
+    state, _ = wire.decode(wire.from_record(msg.content[k.PAYLOAD]))
+    model.load_state_dict(state)
+    conf: ConfigRecord = msg.content[k.CONFIG]
+    epochs = int(conf.get(k.LOCAL_EPOCHS, 1))
+    theta0 = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    res = train(model, data, cfg.train, seed=round_seed(cfg.seed, 0, salt=1000 + pid),
+                device=pick_device(cfg.resources.device), epochs=epochs)
+    model.to("cpu")
+    after = model.state_dict()
+    deviations = {n: (after[n] - theta0[n]) ** 2 for n in prunable_names(model)}
+    metrics = _train_metrics(res, model, node.input_shape, epochs)
+    return Message(RecordDict({k.PAYLOAD: wire.to_record(wire.encode(deviations)),
+                               k.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received model on this node's examples."""
-    cfg, pid, data, model = _setup(context)
+    cfg, node, model = _setup(context)
     model.load_state_dict(msg.content[k.ARRAYS].to_torch_state_dict())
-    loss, acc = evaluate(model, data, pick_device(cfg.resources.device))
-    metrics = MetricRecord({k.NUM_EXAMPLES: len(data), k.EVAL_LOSS: loss,
+    loss, acc = evaluate(model, node.data, pick_device(cfg.resources.device))
+    metrics = MetricRecord({k.NUM_EXAMPLES: len(node.data), k.EVAL_LOSS: loss,
                             k.EVAL_ACCURACY: acc})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)

@@ -80,14 +80,47 @@ class ObjectiveConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = _f("fedavg", choices=("fedavg", "fedavgm", "fedprox"))
+    name: str = _f("fedavg", choices=("fedavg", "fedavgm", "fedprox", "fedld", "autoflip",
+                                      "random", "magnitude"),
+                   doc="random/magnitude: pruning baselines on AutoFLIP's schedule")
+    aggregation: str = _f("mean", choices=("mean", "fedld"),
+                          doc="rule inside autoflip/random/magnitude; fedld always uses fedld")
     fraction_train: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
     fraction_evaluate: float = _f(0.0, lo=0.0, hi=1.0, doc="federated evaluation (0 = off)")
     min_train_clients: int = _f(2, lo=1)
-    server_lr: float = _f(1.0, lo=0.0, lo_open=True, doc="fedavgm server learning rate")
-    server_momentum: float = _f(0.9, lo=0.0, hi=1.0, doc="fedavgm momentum")
+    server_lr: float = _f(1.0, lo=0.0, lo_open=True, doc="server learning rate")
+    server_momentum: float = _f(0.0, lo=0.0, hi=0.99,
+                                doc="server momentum (fedavgm, autoflip); e.g. 0.9")
+    k_proportion: float = _f(0.8, lo=0.0, hi=1.0, lo_open=True,
+                             doc="fedld: fraction of principal directions kept")
+    eigen_eps: float = _f(1e-8, lo=0.0, doc="fedld: drop directions with s_j <= eps * s_1")
     proximal_mu: float = _f(0.01, lo=0.0, doc="fedprox proximal term mu")
     round_timeout: float = _f(600.0, lo=0.0, lo_open=True, doc="seconds to wait for replies")
+
+
+@dataclass
+class PruningConfig:
+    """AutoFLIP (and the random/magnitude baselines): ALGORITHMS.md section 1."""
+
+    explore_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True,
+                                 doc="fraction of clients that explore (autoflip)")
+    explore_epochs: int = _f(1, lo=1, hi=100, doc="local epochs of the exploration phase")
+    structured_ratio: float = _f(0.5, lo=0.0, hi=0.95,
+                                 doc="final fraction of units removed in each layer")
+    unstructured_ratio: float = _f(0.5, lo=0.0, hi=0.99,
+                                   doc="final fraction of surviving weights zeroed")
+    schedule_start: float = _f(0.5, lo=0.0, hi=1.0,
+                               doc="targets at round 1, as a fraction of the final ones")
+    schedule_rounds: int = _f(10, lo=1, doc="T of the cubic schedule: final targets from here")
+    mask_every: int = _f(2, lo=1, doc="recompute the mask every N rounds")
+    guidance_decay: float = _f(0.9, lo=0.0, hi=1.0, doc="beta: G <- beta G + (1-beta) minmax(...)")
+    min_units: int = _f(1, lo=1, doc="units every prunable layer keeps")
+    quantize: bool = _f(False, doc="send kept values as per-block int8")
+
+
+@dataclass
+class DiagnosticsConfig:
+    decomposition_every: int = _f(0, lo=0, doc="FedLD loss decomposition every N rounds (0 = off)")
 
 
 @dataclass
@@ -110,6 +143,8 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 

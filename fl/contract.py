@@ -36,6 +36,7 @@ PROXIMAL_MU: Final = "proximal-mu"  #: same key Flower's FedProx sends
 MARGIN_LAMBDA: Final = "margin-lambda"  #: FedLD margin control (0 = off)
 EXPERIMENT: Final = "experiment"  #: the resolved experiment config as JSON
 MASK_VERSION: Final = "mask-version"
+STRUCTURE: Final = "structure"  #: kept units as JSON, sent with a fresh mask (AutoFLIP)
 
 # --- metric keys (client -> server) ------------------------------------------
 NUM_EXAMPLES: Final = "num-examples"  #: the key Flower's FedAvg weights by

@@ -78,8 +78,12 @@ def summarize(rounds: list[Mapping[str, Any]]) -> dict[str, Any]:
         "final_loss": last.get("loss"),
         "best_accuracy": max(acc) if acc else None,
         "best_round": rounds[acc.index(max(acc))]["round"] if acc else None,
-        "total_bytes_down": sum(r.get("bytes_down", 0) for r in trained),
-        "total_bytes_up": sum(r.get("bytes_up", 0) for r in trained),
+        # round 0 holds AutoFLIP's exploration: it counts in every total
+        "total_bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
+        "total_bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
+        "total_bytes": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rounds),
+        "total_train_flops": sum(r.get("train_flops", 0) for r in rounds),
+        "bytes_saved": last.get("bytes_saved"),
         "train_seconds": sum(r.get("seconds", 0.0) for r in trained),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,8 @@ from torch.nn import functional as F
 
 from fl.config import TrainConfig
 from fl.data import Arrays
+from fl.objectives import margin_loss
+from fl.optim import MaskedAdamW, MaskedSGD
 
 
 @dataclass(frozen=True)
@@ -32,20 +35,25 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The local optimizer named by ``train.optimizer``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, *, masks: Mapping[str, torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+) -> torch.optim.Optimizer:
+    """The local optimizer: the project's fused masked SGD/AdamW (fl/optim).
+
+    ``masks`` maps parameter names to 0/1 masks: those entries stay exactly zero,
+    and so does their optimizer state. ``proximal_mu > 0`` adds the FedProx term
+    mu (w - w_global) to the gradient in the same fused pass, anchored at the
+    weights the model has now (Li et al., MLSys 2020).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    mask_list = [masks.get(n) if masks else None for n, _ in named]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def objective(
-    logits: torch.Tensor, targets: torch.Tensor, margin_lambda: float = 0.0
-) -> torch.Tensor:
-    """Cross-entropy, plus FedLD's margin control when ``margin_lambda > 0``."""
-    return F.cross_entropy(logits, targets)
+        return MaskedSGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay, prox_mu=proximal_mu, masks=mask_list)
+    return MaskedAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, prox_mu=proximal_mu,
+                       masks=mask_list)
 
 
 def train(
@@ -57,34 +65,33 @@ def train(
     device: torch.device,
     margin_lambda: float = 0.0,
     proximal_mu: float = 0.0,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    epochs: int | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.local_epochs`` epochs on ``data``.
+    """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) on ``data``.
 
     Mini-batches are drawn with a generator seeded by ``seed``: the same seed
-    gives the same batches, so a rerun reproduces the run. With
-    ``proximal_mu > 0`` the FedProx term mu/2 ||w - w_global||^2 (Li et al.,
-    MLSys 2020) pulls towards the weights the model had on entry.
+    gives the same batches, so a rerun reproduces the run. The objective is
+    cross-entropy plus FedLD's margin control when ``margin_lambda > 0``
+    (fl.objectives.margin_loss); pruned entries (``masks``) never move.
     """
     if len(data) == 0:
         raise ValueError("data: this client has no examples to train on")
     model.to(device).train()
-    opt = make_optimizer(model, cfg)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    dev_masks = {n: m.to(device) for n, m in masks.items()} if masks else None
+    opt = make_optimizer(model, cfg, masks=dev_masks, proximal_mu=proximal_mu)
     gen = torch.Generator().manual_seed(seed)
     x, y = data.x.to(device), data.y.to(device)
     n = len(data)
     t0 = time.perf_counter()
     steps, last_epoch_loss = 0, 0.0
-    for _ in range(cfg.local_epochs):
+    for _ in range(cfg.local_epochs if epochs is None else epochs):
         order = torch.randperm(n, generator=gen).to(device)
         total, count = 0.0, 0
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = objective(model(x[idx]), y[idx], margin_lambda)
-            if anchor is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                loss = loss + 0.5 * proximal_mu * prox
+            loss = margin_loss(model(x[idx]), y[idx], margin_lambda)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl import contract as k
 from fl.config import ExperimentConfig, from_flat, to_json
-from fl.data import load_federated
+from fl.data import load_test
 from fl.models import build_model
 from fl.results import RunRecorder
 from fl.train import evaluate, pick_device
@@ -39,7 +39,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     recorder = RunRecorder(run_dir_for(cfg))
     recorder.write_config(to_json(cfg))
     log(20, "results folder: %s", recorder.dir)
-    fd = load_federated(cfg)
+    fd = load_test(cfg)  # the test split only: nodes bring or hold their own data
     model = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed)
     device = pick_device(cfg.resources.device)
 
@@ -49,12 +49,14 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
         model.to("cpu")
         return {"accuracy": acc, "loss": loss}
 
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg, model.state_dict(), fd.input_shape, fd.num_classes)
     strategy.set_population(discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout))
     train_config = ConfigRecord({k.MARGIN_LAMBDA: cfg.objective.margin_lambda})
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
                        train_config, evaluate_fn, recorder, cfg.strategy.round_timeout)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
+    if hasattr(strategy, "structure_json") and getattr(strategy, "groups", None):
+        (recorder.dir / "structure.json").write_text(strategy.structure_json() + "\n")
     return recorder.write_summary({"strategy": cfg.strategy.name, "model": cfg.model,
                                    "dataset": cfg.dataset.name,
                                    "wall_seconds": round(time.perf_counter() - t0, 2),

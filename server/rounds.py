@@ -14,22 +14,18 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl import contract as k
 from fl.results import RunRecorder
+from fl.wire import message_nbytes
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 
 
-def content_nbytes(content: RecordDict) -> int:
-    """Serialised size of a message's content: what travels on the wire."""
-    return recorddict_to_proto(content).ByteSize()
-
-
 def _bytes(messages: Iterable[Message]) -> int:
+    """Serialised size of the messages' contents: what travels on the wire."""
     seen: dict[int, int] = {}
     total = 0
     for m in messages:
@@ -37,7 +33,7 @@ def _bytes(messages: Iterable[Message]) -> int:
             continue
         key = id(m.content)  # the FedAvg family shares one RecordDict across messages
         if key not in seen:
-            seen[key] = content_nbytes(m.content)
+            seen[key] = message_nbytes(m.content)
         total += seen[key]
     return total
 
@@ -54,10 +50,18 @@ def run_rounds(
 ) -> ArrayRecord:
     """Run ``num_rounds`` rounds and record each; return the final global arrays."""
     t0 = time.perf_counter()
+    # what plain FedAvg would move per message: the dense model (for "bytes_saved")
+    dense_msg = message_nbytes(RecordDict({k.ARRAYS: arrays}))
+    prepare = getattr(strategy, "prepare", None)
+    explored = prepare(grid, timeout) if prepare is not None else {}
+    info = getattr(strategy, "round_info", dict)
     first = evaluate_fn(0, arrays)
-    recorder.add_round({"round": 0, **first, "seconds": 0.0, "bytes_down": 0, "bytes_up": 0,
-                        "cum_bytes": 0, "clients": 0, "failures": 0})
-    cum_bytes = 0
+    down0, up0 = explored.get("bytes_down", 0), explored.get("bytes_up", 0)
+    cum_bytes, cum_flops, cum_dense = down0 + up0, explored.get("train_flops", 0), 0
+    recorder.add_round({"round": 0, **first, "seconds": round(time.perf_counter() - t0, 4),
+                        "bytes_down": down0, "bytes_up": up0, "cum_bytes": cum_bytes,
+                        "train_flops": cum_flops, "cum_flops": cum_flops,
+                        "clients": explored.get("explorers", 0), "failures": 0})
     for rnd in range(1, num_rounds + 1):
         t = time.perf_counter()
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
@@ -76,12 +80,18 @@ def run_rounds(
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
             fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
         metrics = evaluate_fn(rnd, arrays)
+        ok = [r for r in replies if not r.has_error()]
+        flops = sum(int(r.content[k.METRICS].get(k.TRAIN_FLOPS, 0)) for r in ok
+                    if k.METRICS in r.content)
         cum_bytes += down + up
+        cum_flops += flops
+        cum_dense += dense_msg * (len(msgs) + len(ok))
         record: dict[str, Any] = {
-            "round": rnd, **metrics, "seconds": round(time.perf_counter() - t, 4),
+            "round": rnd, **metrics, **info(), "seconds": round(time.perf_counter() - t, 4),
             "bytes_down": down, "bytes_up": up, "cum_bytes": cum_bytes,
-            "clients": len(replies) - sum(1 for r in replies if r.has_error()),
-            "failures": failures,
+            "bytes_saved": round(1.0 - cum_bytes / max(1, cum_dense), 6),
+            "train_flops": flops, "cum_flops": cum_flops,
+            "clients": len(ok), "failures": failures,
         }
         if train_metrics is not None and k.TRAIN_LOSS in train_metrics:
             record["train_loss"] = float(train_metrics[k.TRAIN_LOSS])

@@ -20,13 +20,10 @@ from fl.sampling import sample_clients
 _TRAIN_SALT, _EVAL_SALT = 0, 1
 
 
-class SeededSampling:
-    """Mix in before a Flower strategy: ``class S(SeededSampling, FedAvg)``.
+class Population:
+    """The federation's nodes in partition-id order, and seeded sampling over them."""
 
-    The wrapped strategy must be built with ``fraction_train=1.0`` (and
-    ``fraction_evaluate`` 1.0 or 0.0): it then addresses every node and this
-    mixin keeps the sampled ones.
-    """
+    min_train_nodes: int
 
     def __init__(self, *args: Any, seed: int = 0, sample_fraction: float = 1.0,
                  evaluate_fraction: float = 0.0, **kwargs: Any) -> None:
@@ -43,13 +40,23 @@ class SeededSampling:
         self._rank = {nid: i for i, nid in enumerate(self.population)}
 
     def sample(self, server_round: int, salt: int = _TRAIN_SALT) -> list[int]:
+        """The nodes of this round: a function of (seed, round, salt) only."""
         frac = self.sample_fraction if salt == _TRAIN_SALT else self.evaluate_fraction
-        min_nodes = self.min_train_nodes if salt == _TRAIN_SALT else 1  # type: ignore[attr-defined]
+        min_nodes = self.min_train_nodes if salt == _TRAIN_SALT else 1
         return sample_clients(self.population, frac, min_nodes, self.seed, server_round, salt)
 
     def order(self, replies: Iterable[Message]) -> list[Message]:
         """Replies sorted by the population order (deterministic aggregation)."""
         return sorted(replies, key=lambda m: self._rank.get(m.metadata.src_node_id, 1 << 62))
+
+
+class SeededSampling(Population):
+    """Mix in before a Flower strategy: ``class S(SeededSampling, FedAvg)``.
+
+    The wrapped strategy must be built with ``fraction_train=1.0`` (and
+    ``fraction_evaluate`` 1.0 or 0.0): it then addresses every node and this
+    mixin keeps the sampled ones.
+    """
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -23,6 +23,7 @@ from fl.pruning.groups import (
     prunable_names,
 )
 from fl.pruning.guidance import GuidanceState, exploration_guidance, fold_updates
+from fl.pruning.plan import MaskPlan, plan_masks
 from fl.pruning.schedule import cubic_sparsity, mask_due
 from fl.pruning.shrink import expand_state, shrink_model, shrink_state
 from fl.pruning.structured import (
@@ -44,6 +45,8 @@ from fl.pruning.unstructured import (
 )
 
 __all__ = [
+    "MaskPlan",
+    "plan_masks",
     "GuidanceState",
     "Member",
     "Structure",

@@ -1,0 +1,124 @@
+"""Mask policies: what decides which units and weights go.
+
+A policy wraps any aggregation rule the way Flower's DP wrappers wrap a
+strategy: the strategy aggregates, the policy scores entries and the shared
+rule (fl.pruning.plan_masks, cubic schedule) turns scores into masks.
+
+- AutoFLIP (Interno et al., arXiv 2405.10271; ALGORITHMS.md 1): scores are the
+  loss-exploration guidance G, folded with the squared client updates every round.
+- Magnitude: global magnitude pruning, scores |w|.
+- Random: a fresh uniform random score each recomputation (seeded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fl.config import PruningConfig
+from fl.pruning import GuidanceState, cubic_sparsity
+from fl.sampling import round_seed
+
+
+class MaskPolicy:
+    """Base policy: the schedule; subclasses give the scores."""
+
+    name = "base"
+    explores = False
+
+    def __init__(self, cfg: PruningConfig, prunable: Sequence[str], seed: int = 0):
+        self.cfg = cfg
+        self.prunable = list(prunable)
+        self.seed = seed
+
+    def due(self, server_round: int) -> bool:
+        """Recompute the mask before rounds 1, 1 + N, 1 + 2N, ... (N = mask_every)."""
+        return (server_round - 1) % self.cfg.mask_every == 0
+
+    def targets(self, server_round: int) -> tuple[float, float]:
+        """(structured, unstructured) ratios before ``server_round``: the cubic schedule
+        s_t = s_f + (s_i - s_f)(1 - t/T)^3 with t = rounds done, s_i = start * s_f."""
+        t, T = server_round - 1, self.cfg.schedule_rounds
+        start = self.cfg.schedule_start
+        s = self.cfg.structured_ratio
+        u = self.cfg.unstructured_ratio
+        return cubic_sparsity(t, T, start * s, s), cubic_sparsity(t, T, start * u, u)
+
+    def scores(self, theta: Mapping[str, torch.Tensor], server_round: int
+               ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def observe(self, updates: Sequence[Mapping[str, torch.Tensor]],
+                num_examples: Sequence[int]) -> None:
+        """Fold a round's (full-shape) client updates in; no-op by default."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+
+class AutoFLIPPolicy(MaskPolicy):
+    """Guidance from federated loss exploration, refreshed from client updates."""
+
+    name = "autoflip"
+    explores = True
+
+    def __init__(self, cfg: PruningConfig, prunable: Sequence[str], seed: int = 0):
+        super().__init__(cfg, prunable, seed)
+        self.guidance: GuidanceState | None = None
+
+    def start(self, deviations: Sequence[Mapping[str, torch.Tensor]],
+              num_examples: Sequence[int]) -> None:
+        """Guidance from the explorers' squared deviations (ALGORITHMS.md 1.1)."""
+        self.guidance = GuidanceState.from_exploration(list(deviations), list(num_examples),
+                                                       self.prunable)
+
+    def scores(self, theta: Mapping[str, torch.Tensor], server_round: int
+               ) -> dict[str, torch.Tensor]:
+        if self.guidance is None:
+            raise RuntimeError("AutoFLIP: the mask was requested before exploration ran")
+        return {n: self.guidance.guidance[n] for n in self.prunable}
+
+    def observe(self, updates: Sequence[Mapping[str, torch.Tensor]],
+                num_examples: Sequence[int]) -> None:
+        if self.guidance is not None and updates:
+            self.guidance.fold([{n: u[n] for n in self.prunable} for u in updates],
+                               list(num_examples), self.cfg.guidance_decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"guidance": None if self.guidance is None else self.guidance.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("guidance") is not None:
+            self.guidance = GuidanceState({}, 0)
+            self.guidance.load_state_dict(state["guidance"])
+
+
+class MagnitudePolicy(MaskPolicy):
+    """Global magnitude pruning on the same schedule: scores |w|."""
+
+    name = "magnitude"
+
+    def scores(self, theta: Mapping[str, torch.Tensor], server_round: int
+               ) -> dict[str, torch.Tensor]:
+        return {n: theta[n].detach().abs().float() for n in self.prunable}
+
+
+class RandomPolicy(MaskPolicy):
+    """Random pruning at the same sparsity: fresh uniform scores per recomputation."""
+
+    name = "random"
+
+    def scores(self, theta: Mapping[str, torch.Tensor], server_round: int
+               ) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(round_seed(self.seed, server_round, salt=77))
+        return {n: torch.rand(theta[n].shape, generator=gen) for n in self.prunable}
+
+
+POLICIES: dict[str, type[MaskPolicy]] = {
+    "autoflip": AutoFLIPPolicy, "magnitude": MagnitudePolicy, "random": RandomPolicy,
+}
