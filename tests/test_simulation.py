@@ -110,3 +110,41 @@ def test_bad_config_starts_nothing(tmp_path):
     assert proc.returncode == 2
     assert err.strip().startswith("bonsai: error: partition.kind: got 'zipf'; allowed: iid")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
+    run_dir, _ = run_ok(tmp_path, "af", ["--set", "strategy.name=autoflip", "--set", "rounds=3",
+                                         "--set", "pruning.mask_every=1", "--set",
+                                         "pruning.schedule_rounds=2"])
+    rounds = read_rounds(run_dir)
+    assert rounds[0]["bytes_down"] > 0 and rounds[0]["train_flops"] > 0  # exploration
+    dens = [r["density"] for r in rounds[1:]]
+    assert dens[0] > dens[1] > dens[2] and dens[2] < 0.2
+    down = [r["bytes_down"] for r in rounds[1:]]
+    assert down[0] > down[1] > down[2]
+    flops = [r["flops_per_example"] for r in rounds[1:]]
+    assert flops[0] > flops[2]
+    assert rounds[3]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    # pruned entries of the final global model are exactly zero
+    import torch
+
+    from fl.pruning import groups_for, structure_from_json, structured_mask
+
+    state = torch.load(run_dir / "final_model.pt")
+    structure = structure_from_json((run_dir / "structure.json").read_text())
+    masks = structured_mask(groups_for("cnn", (1, 8, 8), 10), structure, state, strict=False)
+    for name, m in masks.items():
+        assert torch.count_nonzero(state[name][~m]) == 0, name
+    weights = [n for n in state if n.endswith("weight")]
+    zeros = sum(int((state[n] == 0).sum()) for n in weights)
+    total = sum(state[n].numel() for n in weights)
+    assert zeros / total > 0.7
+
+
+def test_fedld_simulation_three_rounds(tmp_path):
+    run_dir, _ = run_ok(tmp_path, "ld", ["--set", "strategy.name=fedld", "--set", "rounds=3",
+                                         "--set", "objective.margin_lambda=0.1"])
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[3]["accuracy"] > rounds[0]["accuracy"] + 0.3
+    assert json.loads((run_dir / "config.json").read_text())["strategy"]["name"] == "fedld"

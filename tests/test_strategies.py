@@ -1,0 +1,178 @@
+"""Strategies with real ClientApp handlers, in process (no Ray): the message
+contract, the sparse wire, masks that travel only when they change, pruned
+entries that stay zero, and bad replies that are rejected, not aggregated."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.app import explore_handler, train_handler
+from fl import config as c
+from fl import contract as k
+from fl import wire
+from fl.data import load_federated
+from fl.models import build_model
+from strategies import FedLD, PrunedStrategy, SeededFedAvg, build_strategy
+
+NODES = [101, 102, 103]
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def experiment(*overrides):
+    cfg = c.load(None, ["partition.num_clients=3", "strategy.min_train_clients=2",
+                        "model=mlp", "train.local_epochs=1", *overrides])
+    fd = load_federated(cfg)
+    theta0 = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed).state_dict()
+    strategy = build_strategy(cfg, theta0, fd.input_shape, fd.num_classes)
+    strategy.set_population(NODES)
+    contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(),
+                           node_config={"partition-id": i, "num-partitions": 3},
+                           run_config=c.to_flat(cfg)) for i, n in enumerate(NODES)}
+    return cfg, strategy, contexts
+
+
+class LoopbackGrid:
+    """Delivers each message to the real ClientApp handler of its node."""
+
+    def __init__(self, contexts):
+        self.contexts = contexts
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            ctx = self.contexts[m.metadata.dst_node_id]
+            handler = explore_handler if m.metadata.message_type.endswith(
+                k.EXPLORE_ACTION) else train_handler
+            out.append(handler(m, ctx))
+        return out
+
+
+def one_round(strategy, grid, rnd):
+    msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord({}), grid))
+    replies = grid.send_and_receive(msgs)
+    arrays, metrics = strategy.aggregate_train(rnd, replies)
+    return msgs, replies, arrays
+
+
+def test_autoflip_rounds_mask_travels_once_and_pruned_entries_stay_zero():
+    _, s, contexts = experiment("strategy.name=autoflip", "pruning.mask_every=2",
+                                "pruning.structured_ratio=0.5", "pruning.schedule_rounds=2",
+                                "pruning.schedule_start=0.5")
+    grid = LoopbackGrid(contexts)
+    cost = s.prepare(grid, timeout=60)
+    assert cost["explorers"] == 3 and cost["bytes_down"] > 0 and cost["train_flops"] > 0
+    assert s.policy.guidance is not None
+    m1, _, a1 = one_round(s, grid, 1)
+    assert s.mask_version == 1 and all(k.STRUCTURE in m.content[k.CONFIG] for m in m1)
+    m2, _, _ = one_round(s, grid, 2)  # mask_every=2: same mask, sent against it
+    assert s.mask_version == 1 and not any(k.STRUCTURE in m.content[k.CONFIG] for m in m2)
+    size = lambda m: wire.message_nbytes(m.content)  # noqa: E731
+    # bitmap of the 8-bit-per-entry mask is gone: smaller by about n/8 bytes
+    n_prunable = sum(s.theta[n].numel() for n in s.prunable)
+    assert size(m1[0]) - size(m2[0]) >= 0.9 * n_prunable / 8
+    m3, r3, a3 = one_round(s, grid, 3)  # new mask (t=2=T: final targets)
+    assert s.mask_version == 2 and s.density() < 0.5
+    theta = a3.to_torch_state_dict()
+    for name, mask in s.masks.items():
+        assert torch.count_nonzero(theta[name][~mask]) == 0, name
+    # the clients trained a physically smaller model
+    fc1_small = r3[0].content  # the reply carries the update of the small model
+    upd, _ = wire.decode(wire.from_record(fc1_small[k.PAYLOAD]),
+                         known_masks=s._view["small_masks"], known_mask_version=2)
+    assert upd["fc1.weight"].shape[0] == len(s.structure["fc1"]) < 128
+    info = s.round_info()
+    assert info["flops_per_example"] < 2 * (64 * 128 + 128 * 64 + 64 * 10)
+    assert info["kept_units"].startswith("fc1:")
+
+
+def _reply(msg, payload_tensors, n=10, **encode_kw):
+    data = wire.encode(payload_tensors, **encode_kw)
+    return Message(RecordDict({k.PAYLOAD: wire.to_record(data),
+                               k.METRICS: MetricRecord({k.NUM_EXAMPLES: n})}), reply_to=msg)
+
+
+def test_bad_replies_are_rejected_and_the_rest_aggregated(caplog):
+    _, s, _ = experiment("strategy.name=fedld", "partition.num_clients=3")
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord({}), None))
+    before = {n: t.clone() for n, t in s.theta.items()}
+    good = {n: torch.full_like(t, 0.01) if t.is_floating_point() else torch.zeros_like(t)
+            for n, t in s.theta.items()}
+    nan = dict(good, **{"fc1.weight": torch.full_like(good["fc1.weight"], math.nan)})
+    wrong = dict(good, **{"fc1.weight": torch.zeros(3, 3)})
+    replies = [
+        _reply(msgs[0], good),
+        Message(Error(code=0, reason="client crashed"), reply_to=msgs[1]),
+        _reply(msgs[2], nan),
+    ]
+    with caplog.at_level("WARNING"):
+        arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is None  # 1 valid < min_train_clients=2: round ends, model unchanged
+    assert "fewer than strategy.min_train_clients=2" in caplog.text
+    assert "client crashed" in caplog.text and "NaN or Inf" in caplog.text
+    assert all(torch.equal(before[n], s.theta[n]) for n in before)
+    replies = [_reply(msgs[0], good), _reply(msgs[1], good), _reply(msgs[2], wrong)]
+    with caplog.at_level("WARNING"):
+        arrays, _ = s.aggregate_train(1, replies)
+    assert "fc1.weight" in caplog.text and arrays is not None
+    # first round of FedLD: the weighted mean; identical updates -> theta + 0.01
+    w = arrays.to_torch_state_dict()["fc2.weight"]
+    assert torch.allclose(w, before["fc2.weight"] + 0.01, atol=1e-6)
+
+
+def test_unknown_mask_version_is_rejected(caplog):
+    _, s, contexts = experiment("strategy.name=magnitude", "pruning.mask_every=1")
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord({}), None))
+    small = s._view["small_masks"]
+    update = {n: torch.zeros(shape) for n, shape in s._view["small_shapes"].items()}
+    update["fc1.num_batches_tracked"] = None
+    update = {n: t for n, t in update.items() if t is not None}
+    stale = _reply(msgs[0], update, masks=small, mask_version=99, send_mask=False)
+    with caplog.at_level("WARNING"):
+        s.aggregate_train(1, [stale])
+    assert "mask version" in caplog.text.lower()
+
+
+def test_fedld_rounds_move_the_model_with_the_principal_gradient():
+    _, s, contexts = experiment("strategy.name=fedld", "strategy.k_proportion=0.5")
+    assert isinstance(s, FedLD) and s.aggregation == "fedld"
+    grid = LoopbackGrid(contexts)
+    accs = []
+    for rnd in (1, 2, 3):
+        _, replies, arrays = one_round(s, grid, rnd)
+        assert arrays is not None and all(not r.has_error() for r in replies)
+        accs.append(arrays.to_torch_state_dict())
+    assert not torch.equal(accs[0]["fc1.weight"], accs[2]["fc1.weight"])
+
+
+def test_margin_lambda_reaches_the_client_objective():
+    cfg, s, contexts = experiment("strategy.name=fedld", "objective.margin_lambda=0.5")
+    grid = LoopbackGrid(contexts)
+    _, replies, _ = one_round(s, grid, 1)
+    loss_margin = np.mean([r.content[k.METRICS][k.TRAIN_LOSS] for r in replies])
+    cfg, s, contexts = experiment("strategy.name=fedld")
+    _, replies, _ = one_round(s, LoopbackGrid(contexts), 1)
+    loss_plain = np.mean([r.content[k.METRICS][k.TRAIN_LOSS] for r in replies])
+    # log(1 + ||softmax||_F^2) >= log(1 + B/C) > 0: the reported objective is larger
+    assert loss_margin > loss_plain
+
+
+def test_baseline_builders():
+    _, s, _ = experiment()
+    assert isinstance(s, SeededFedAvg)
+    _, s, _ = experiment("strategy.name=random", "strategy.aggregation=fedld")
+    assert isinstance(s, PrunedStrategy) and s.policy.name == "random"
+    assert s.aggregation == "fedld"
