@@ -80,7 +80,7 @@ class ObjectiveConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = _f("fedavg", choices=("fedavg", "fedavgm", "fedprox", "fedld", "autoflip",
+    name: str = _f("autoflip", choices=("fedavg", "fedavgm", "fedprox", "fedld", "autoflip",
                                       "random", "magnitude"),
                    doc="random/magnitude: pruning baselines on AutoFLIP's schedule")
     aggregation: str = _f("mean", choices=("mean", "fedld"),
