@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.edge import measured, node_profile
 from fl import contract as k
 from fl import wire
 from fl.config import ExperimentConfig, from_flat
@@ -45,7 +46,7 @@ def _config(items: tuple) -> ExperimentConfig:
 
 def _setup(context: Context) -> tuple[ExperimentConfig, NodeData, torch.nn.Module]:
     cfg = _config(tuple(sorted(context.run_config.items())))
-    torch.set_num_threads(cfg.resources.client_cpus)  # respect this client's CPU share
+    cfg = node_profile(cfg, context)  # this node's thread limit and device (edge profile)
     node = node_data(cfg, context.node_config)
     model = build_model(cfg.model, node.input_shape, node.num_classes)
     return cfg, node, model
@@ -73,6 +74,7 @@ def _train_metrics(res, model: torch.nn.Module, input_shape: tuple[int, ...],
 
 
 @app.train()
+@measured
 def train_handler(msg: Message, context: Context) -> Message:
     """Train the received model on this node's examples.
 
@@ -156,6 +158,7 @@ def _train_sparse(msg: Message, context: Context) -> Message:
 
 
 @app.train(k.EXPLORE_ACTION)
+@measured
 def explore_handler(msg: Message, context: Context) -> Message:
     """AutoFLIP exploration: train a copy of theta_0 and return the squared
     deviation (theta_k - theta_0)^2 of every prunable weight (ALGORITHMS.md 1.1)."""
@@ -174,6 +177,21 @@ def explore_handler(msg: Message, context: Context) -> Message:
     metrics = _train_metrics(res, model, node.input_shape, epochs)
     return Message(RecordDict({k.PAYLOAD: wire.to_record(wire.encode(deviations)),
                                k.METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate(k.DECOMPOSE_ACTION)
+def decompose_handler(msg: Message, context: Context) -> Message:
+    """Loss of each of the round's client models and of the global model on this
+    node's own examples: one row of the loss decomposition (ALGORITHMS.md 2.1)."""
+    cfg, node, model = _setup(context)
+    device = pick_device(cfg.resources.device)
+    losses = {}
+    for name in msg.content.array_records:
+        if name == k.GLOBAL_MODEL or name.startswith(k.CLIENT_MODEL_PREFIX):
+            model.load_state_dict(msg.content[name].to_torch_state_dict())
+            key = name.removeprefix(k.CLIENT_MODEL_PREFIX)
+            losses[f"{k.LOSS_PREFIX}{key}"] = evaluate(model, node.data, device)[0]
+    return Message(RecordDict({k.METRICS: MetricRecord(losses)}), reply_to=msg)
 
 
 @app.evaluate()

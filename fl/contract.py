@@ -12,6 +12,11 @@ from typing import Final
 # --- message types -----------------------------------------------------------
 #: Flower routes a message of type "train.explore" to ``@app.train("explore")``.
 EXPLORE_ACTION: Final = "explore"
+#: "evaluate.decompose": evaluate the round's client models on this node's data
+DECOMPOSE_ACTION: Final = "decompose"
+GLOBAL_MODEL: Final = "global"  #: record name of the global model in a decompose request
+CLIENT_MODEL_PREFIX: Final = "client-"  #: record names "client-0", "client-1", ...
+LOSS_PREFIX: Final = "loss-"  #: metric names "loss-0", ..., "loss-global" in its reply
 
 # --- record names inside a RecordDict ---------------------------------------
 ARRAYS: Final = "arrays"  #: model view (dense ArrayRecord) or update

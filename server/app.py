@@ -53,7 +53,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     strategy.set_population(discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout))
     train_config = ConfigRecord({k.MARGIN_LAMBDA: cfg.objective.margin_lambda})
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
-                       train_config, evaluate_fn, recorder, cfg.strategy.round_timeout)
+                       train_config, evaluate_fn, recorder, cfg.strategy.round_timeout,
+                       decompose_every=cfg.diagnostics.decomposition_every)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     if hasattr(strategy, "structure_json") and getattr(strategy, "groups", None):
         (recorder.dir / "structure.json").write_text(strategy.structure_json() + "\n")

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from fl import contract as k
 from fl.results import RunRecorder
 from fl.wire import message_nbytes
+from server.diagnostics import decompose_round
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 
@@ -47,6 +48,7 @@ def run_rounds(
     evaluate_fn: EvaluateFn,
     recorder: RunRecorder,
     timeout: float,
+    decompose_every: int = 0,
 ) -> ArrayRecord:
     """Run ``num_rounds`` rounds and record each; return the final global arrays."""
     t0 = time.perf_counter()
@@ -55,6 +57,8 @@ def run_rounds(
     prepare = getattr(strategy, "prepare", None)
     explored = prepare(grid, timeout) if prepare is not None else {}
     info = getattr(strategy, "round_info", dict)
+    if decompose_every and hasattr(strategy, "keep_client_states"):
+        strategy.keep_client_states = True
     first = evaluate_fn(0, arrays)
     down0, up0 = explored.get("bytes_down", 0), explored.get("bytes_up", 0)
     cum_bytes, cum_flops, cum_dense = down0 + up0, explored.get("train_flops", 0), 0
@@ -80,6 +84,9 @@ def run_rounds(
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
             fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
         metrics = evaluate_fn(rnd, arrays)
+        if decompose_every and rnd % decompose_every == 0 and new_arrays is not None:
+            clients = strategy.client_states(replies)  # type: ignore[attr-defined]
+            metrics.update(decompose_round(grid, clients, arrays, rnd, timeout))
         ok = [r for r in replies if not r.has_error()]
         flops = sum(int(r.content[k.METRICS].get(k.TRAIN_FLOPS, 0)) for r in ok
                     if k.METRICS in r.content)

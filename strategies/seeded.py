@@ -49,6 +49,15 @@ class Population:
         """Replies sorted by the population order (deterministic aggregation)."""
         return sorted(replies, key=lambda m: self._rank.get(m.metadata.src_node_id, 1 << 62))
 
+    def client_states(self, replies: Iterable[Message]) -> list[tuple[int, dict]]:
+        """(node id, full model state) of each valid reply: the round's client models."""
+        out = []
+        for r in self.order(replies):
+            if not r.has_error() and self.arrayrecord_key in r.content:  # type: ignore[attr-defined]
+                state = r.content[self.arrayrecord_key].to_torch_state_dict()  # type: ignore[attr-defined]
+                out.append((r.metadata.src_node_id, state))
+        return out
+
 
 class SeededSampling(Population):
     """Mix in before a Flower strategy: ``class S(SeededSampling, FedAvg)``.

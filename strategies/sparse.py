@@ -100,6 +100,8 @@ class SparseStrategy(Population, Strategy):
         self.mask_version = 0
         self.node_version: dict[int, int] = {}  # mask version each node holds
         self._view: dict[str, Any] = {}
+        self._last_round: tuple[dict[str, torch.Tensor], list[tuple[int, dict]]] | None = None
+        self.keep_client_states = False  # set by the server for the loss decomposition
         self._refresh_view()
 
     # --- the view the clients train ---------------------------------------------------
@@ -240,7 +242,7 @@ class SparseStrategy(Population, Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         shapes = self._view["small_shapes"]
         known = self._view["small_masks"] or None
-        updates, counts, losses = [], [], []
+        updates, counts, losses, nodes = [], [], [], []
         for r in self.order(replies):
             upd, reason = self._decode(r, shapes, known)
             if upd is None:
@@ -250,6 +252,7 @@ class SparseStrategy(Population, Strategy):
             full = (expand_state(upd, self.groups, self.structure, self.theta)
                     if self.groups else upd)
             updates.append(full)
+            nodes.append(r.metadata.src_node_id)
             counts.append(int(r.content[k.METRICS][k.NUM_EXAMPLES]))
             losses.append(float(r.content[k.METRICS].get(k.TRAIN_LOSS, float("nan"))))
         if len(updates) < self.min_train_nodes:
@@ -263,6 +266,8 @@ class SparseStrategy(Population, Strategy):
                                   eps=self.eigen_eps)
         else:
             agg = mean_rule(updates, counts)
+        if self.keep_client_states:  # theta_k = theta_g + Delta_k, for the diagnostic
+            self._last_round = (self.theta, list(zip(nodes, updates)))
         step = self.momentum.step(agg, skip=self.buffer_names)
         self.theta = apply_update(self.theta, step, self.server_lr,
                                   buffer_names=self.buffer_names)
@@ -275,6 +280,14 @@ class SparseStrategy(Population, Strategy):
             k.TRAIN_LOSS: sum(l_ * c for l_, c in zip(losses, counts)) / total,
         })
         return ArrayRecord(self.theta), metrics
+
+    def client_states(self, replies: Iterable[Message]) -> list[tuple[int, dict]]:
+        """(node id, full model state) of the last round's accepted clients."""
+        if self._last_round is None:
+            return []
+        theta, updates = self._last_round
+        return [(n, apply_update(theta, u, 1.0, buffer_names=self.buffer_names))
+                for n, u in updates]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

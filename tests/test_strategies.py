@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.app import explore_handler, train_handler
+from clients.app import decompose_handler, explore_handler, train_handler
 from fl import config as c
 from fl import contract as k
 from fl import wire
@@ -55,8 +55,9 @@ class LoopbackGrid:
         out = []
         for m in messages:
             ctx = self.contexts[m.metadata.dst_node_id]
-            handler = explore_handler if m.metadata.message_type.endswith(
-                k.EXPLORE_ACTION) else train_handler
+            kind = m.metadata.message_type
+            handler = (explore_handler if kind.endswith(k.EXPLORE_ACTION) else
+                       decompose_handler if kind.endswith(k.DECOMPOSE_ACTION) else train_handler)
             out.append(handler(m, ctx))
         return out
 
@@ -176,3 +177,31 @@ def test_baseline_builders():
     _, s, _ = experiment("strategy.name=random", "strategy.aggregation=fedld")
     assert isinstance(s, PrunedStrategy) and s.policy.name == "random"
     assert s.aggregation == "fedld"
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "autoflip"])
+def test_loss_decomposition_sums_to_the_measured_global_loss(strategy):
+    from fl.train import evaluate
+    from server.diagnostics import decompose_round
+
+    cfg, s, contexts = experiment(f"strategy.name={strategy}", "diagnostics.decomposition_every=1")
+    grid = LoopbackGrid(contexts)
+    s.keep_client_states = True
+    if strategy == "autoflip":
+        s.prepare(grid, 60)
+        theta = ArrayRecord(s.theta)
+    else:
+        theta = ArrayRecord(build_model("mlp", (1, 8, 8), 10, seed=0).state_dict())
+    msgs = list(s.configure_train(1, theta, ConfigRecord({}), grid))
+    replies = grid.send_and_receive(msgs)
+    arrays, _ = s.aggregate_train(1, replies)
+    d = decompose_round(grid, s.client_states(replies), arrays, 1, 60)
+    assert d["loss_local"] + d["loss_shift"] + d["loss_aggregation"] == pytest.approx(
+        d["loss_global"], abs=1e-12)
+    # independently: the global model's mean loss over the three clients' data
+    fd = load_federated(cfg)
+    model = build_model("mlp", (1, 8, 8), 10)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    direct = np.mean([evaluate(model, fd.client(i), torch.device("cpu"))[0] for i in range(3)])
+    assert d["loss_global"] == pytest.approx(direct, rel=1e-9)
+    assert d["loss_local"] < d["loss_global"]  # each model fits its own data best
