@@ -138,6 +138,7 @@ class ExperimentConfig:
     model: str = _f("cnn", choices=("mlp", "cnn", "resnet8"))
     output_dir: str = _f("results", doc="results go to OUTPUT_DIR/NAME-TIMESTAMP")
     run_dir: str = _f("", doc="this run's folder (set by `bonsai run`; empty = derived)")
+    resume: bool = _f(False, doc="continue from run_dir's checkpoint (bonsai run --resume)")
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

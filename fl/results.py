@@ -36,6 +36,14 @@ class RunRecorder:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
 
+    def truncate(self, last_round: int) -> None:
+        """Keep the records up to ``last_round`` (resuming from its checkpoint)."""
+        self.rounds = [r for r in read_rounds(self.dir) if r.get("round", 0) <= last_round]
+        (self.dir / ROUNDS_JSONL).unlink(missing_ok=True)
+        kept, self.rounds = self.rounds, []
+        for r in kept:
+            self.add_round(r)
+
     def write_config(self, config_json: str) -> None:
         _atomic_write(self.dir / CONFIG_JSON, config_json + "\n")
 

@@ -13,11 +13,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl import contract as k
+from fl.checkpoint import load as load_checkpoint
 from fl.config import ExperimentConfig, from_flat, to_json
 from fl.data import load_test
 from fl.models import build_model
 from fl.results import RunRecorder
 from fl.train import evaluate, pick_device
+from server.guard import NodeGuard
 from server.population import discover
 from server.rounds import run_rounds
 from strategies import build_strategy
@@ -37,7 +39,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     """Run one experiment on ``grid`` and return its summary."""
     t0 = time.perf_counter()
     recorder = RunRecorder(run_dir_for(cfg))
-    recorder.write_config(to_json(cfg))
+    config_json = to_json(cfg)
+    resume_from = None
+    if cfg.resume:
+        resume_from = load_checkpoint(recorder.dir, config_json)
+        recorder.truncate(resume_from.round)
+    else:
+        recorder.write_config(config_json)
     log(20, "results folder: %s", recorder.dir)
     fd = load_test(cfg)  # the test split only: nodes bring or hold their own data
     model = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed)
@@ -51,10 +59,13 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
 
     strategy = build_strategy(cfg, model.state_dict(), fd.input_shape, fd.num_classes)
     strategy.set_population(discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout))
+    # a node that crashed must not leave Flower's sampler waiting forever (deployment)
+    grid = NodeGuard(grid, cfg.strategy.min_train_clients, cfg.strategy.round_timeout)
     train_config = ConfigRecord({k.MARGIN_LAMBDA: cfg.objective.margin_lambda})
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
                        train_config, evaluate_fn, recorder, cfg.strategy.round_timeout,
-                       decompose_every=cfg.diagnostics.decomposition_every)
+                       decompose_every=cfg.diagnostics.decomposition_every,
+                       resume_from=resume_from, config_json=config_json)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     if hasattr(strategy, "structure_json") and getattr(strategy, "groups", None):
         (recorder.dir / "structure.json").write_text(strategy.structure_json() + "\n")

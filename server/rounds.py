@@ -18,6 +18,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fl import contract as k
+from fl.checkpoint import Checkpoint
+from fl.checkpoint import save as save_checkpoint
 from fl.results import RunRecorder
 from fl.wire import message_nbytes
 from server.diagnostics import decompose_round
@@ -49,24 +51,36 @@ def run_rounds(
     recorder: RunRecorder,
     timeout: float,
     decompose_every: int = 0,
+    resume_from: Checkpoint | None = None,
+    config_json: str = "",
 ) -> ArrayRecord:
-    """Run ``num_rounds`` rounds and record each; return the final global arrays."""
+    """Run rounds up to ``num_rounds`` and record and checkpoint each; return the final
+    global arrays. With ``resume_from``, continue after its round with its state."""
     t0 = time.perf_counter()
     # what plain FedAvg would move per message: the dense model (for "bytes_saved")
     dense_msg = message_nbytes(RecordDict({k.ARRAYS: arrays}))
-    prepare = getattr(strategy, "prepare", None)
-    explored = prepare(grid, timeout) if prepare is not None else {}
     info = getattr(strategy, "round_info", dict)
     if decompose_every and hasattr(strategy, "keep_client_states"):
         strategy.keep_client_states = True
-    first = evaluate_fn(0, arrays)
-    down0, up0 = explored.get("bytes_down", 0), explored.get("bytes_up", 0)
-    cum_bytes, cum_flops, cum_dense = down0 + up0, explored.get("train_flops", 0), 0
-    recorder.add_round({"round": 0, **first, "seconds": round(time.perf_counter() - t0, 4),
-                        "bytes_down": down0, "bytes_up": up0, "cum_bytes": cum_bytes,
-                        "train_flops": cum_flops, "cum_flops": cum_flops,
-                        "clients": explored.get("explorers", 0), "failures": 0})
-    for rnd in range(1, num_rounds + 1):
+    if resume_from is not None:
+        arrays = ArrayRecord(resume_from.arrays)
+        strategy.load_state_dict(resume_from.strategy)  # type: ignore[attr-defined]
+        c = resume_from.counters
+        cum_bytes, cum_flops, cum_dense = int(c["bytes"]), int(c["flops"]), int(c["dense"])
+        start = resume_from.round + 1
+        log(INFO, "resuming after round %d", resume_from.round)
+    else:
+        prepare = getattr(strategy, "prepare", None)
+        explored = prepare(grid, timeout) if prepare is not None else {}
+        first = evaluate_fn(0, arrays)
+        down0, up0 = explored.get("bytes_down", 0), explored.get("bytes_up", 0)
+        cum_bytes, cum_flops, cum_dense = down0 + up0, explored.get("train_flops", 0), 0
+        recorder.add_round({"round": 0, **first, "seconds": round(time.perf_counter() - t0, 4),
+                            "bytes_down": down0, "bytes_up": up0, "cum_bytes": cum_bytes,
+                            "train_flops": cum_flops, "cum_flops": cum_flops,
+                            "clients": explored.get("explorers", 0), "failures": 0})
+        start = 1
+    for rnd in range(start, num_rounds + 1):
         t = time.perf_counter()
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         down = _bytes(msgs)
@@ -105,6 +119,10 @@ def run_rounds(
         if fed_eval is not None and k.EVAL_ACCURACY in fed_eval:
             record["federated_accuracy"] = float(fed_eval[k.EVAL_ACCURACY])
         recorder.add_round(record)
+        save_checkpoint(recorder.dir, Checkpoint(
+            rnd, arrays.to_torch_state_dict(),
+            strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+            {"bytes": cum_bytes, "flops": cum_flops, "dense": cum_dense}, config_json))
         log(INFO, "round %d/%d: accuracy %.4f loss %.4f (%.2f s, %d B down, %d B up)", rnd,
             num_rounds, record["accuracy"], record["loss"], record["seconds"], down, up)
     log(INFO, "%d rounds in %.1f s", num_rounds, time.perf_counter() - t0)

@@ -67,6 +67,26 @@ class SeededSampling(Population):
     mixin keeps the sampled ones.
     """
 
+    #: server-side state of Flower's strategies that a resumed run needs (FedAvgM)
+    _STATE = ("current_arrays", "momentum_vector")
+
+    def state_dict(self) -> dict[str, Any]:
+        """FedAvgM's last global arrays and momentum (nothing for FedAvg/FedProx)."""
+        out: dict[str, Any] = {}
+        for name in self._STATE:
+            value = getattr(self, name, None)
+            if isinstance(value, ArrayRecord):
+                value = {"arrayrecord": value.to_torch_state_dict()}
+            out[name] = value
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if name in self._STATE and hasattr(self, name):
+                if isinstance(value, dict) and "arrayrecord" in value:
+                    value = ArrayRecord(value["arrayrecord"])
+                setattr(self, name, value)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         chosen = set(self.sample(server_round))

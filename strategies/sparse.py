@@ -324,6 +324,27 @@ class SparseStrategy(Population, Strategy):
             type(self).__name__, self.aggregation, self.server_lr, self.momentum.beta,
             self.policy.name if self.policy else "none")
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (checkpoints): model, masks, momentum, policy.
+
+        Which mask each node holds is not saved: a resumed federation starts
+        with fresh node state, so every node receives the mask again.
+        """
+        return {"theta": self.theta, "masks": self.masks, "weight_masks": self.weight_masks,
+                "structure": self.structure, "mask_version": self.mask_version,
+                "momentum": self.momentum.state_dict(),
+                "policy": self.policy.state_dict() if self.policy else {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.theta = dict(state["theta"])
+        self.masks, self.weight_masks = dict(state["masks"]), dict(state["weight_masks"])
+        self.structure, self.mask_version = dict(state["structure"]), int(state["mask_version"])
+        self.momentum.load_state_dict(state["momentum"])
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+        self.node_version = {}
+        self._refresh_view()
+
     def structure_json(self) -> str:
         """The kept units (what `bonsai export` needs to rebuild the small model)."""
         return structure_to_json(self.structure)

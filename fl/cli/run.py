@@ -15,8 +15,10 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
+from fl.checkpoint import CheckpointError
+from fl.checkpoint import load as load_checkpoint
 from fl.cli.common import fail, load_or_fail
-from fl.config import ExperimentConfig, to_flat
+from fl.config import ExperimentConfig, to_flat, to_json
 from fl.progress import human_bytes, watch
 from fl.results import SUMMARY_JSON
 from fl.runtime import RuntimeFailure, SimulationRuntime
@@ -30,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set rounds=20 --set partition.alpha=0.1")
     p.add_argument("--quiet", action="store_true", help="no live table")
+    p.add_argument("--resume", metavar="RESULTS_DIR", default=None,
+                   help="continue an interrupted run from its last checkpoint (same file and "
+                        "--set overrides)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +68,7 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
             path, i = base.with_name(f"{base.name}-{i}"), i + 1
         cfg.run_dir = str(path)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
-    if (run_dir / SUMMARY_JSON).exists():
+    if (run_dir / SUMMARY_JSON).exists() and not cfg.resume:
         raise RuntimeFailure(f"run_dir: {str(run_dir)!r} already holds a finished run")
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)
@@ -95,6 +100,20 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
     return json.loads(summary_path.read_text())
 
 
+def check_resume(cfg: ExperimentConfig, run_dir: Path) -> str | None:
+    """Point ``cfg`` at ``run_dir`` to resume it; the problem as one line, or None."""
+    if (run_dir / SUMMARY_JSON).exists():
+        return f"--resume: {str(run_dir)!r} holds a finished run; nothing to resume"
+    cfg.run_dir, cfg.resume = str(run_dir.expanduser().resolve()), True
+    try:
+        ckpt = load_checkpoint(run_dir, to_json(cfg))
+    except CheckpointError as e:
+        return str(e)
+    if ckpt.round >= cfg.rounds:
+        return f"--resume: the checkpoint is at round {ckpt.round}, rounds={cfg.rounds}"
+    return None
+
+
 def _print_summary(console: Console, s: dict[str, Any], seconds: float) -> None:
     acc = s.get("final_accuracy")
     console.print()
@@ -116,6 +135,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_or_fail(args.file, args.overrides)
     if isinstance(cfg, int):
         return cfg
+    if args.resume:
+        problem = check_resume(cfg, Path(args.resume))
+        if problem:
+            return fail(problem)
     console = Console()
     # Ctrl-C and a kill end the run cleanly, also where the shell started us with
     # SIGINT ignored (a background job)
