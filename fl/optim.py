@@ -1,0 +1,486 @@
+"""Masked optimizers on flat buffers: MaskedSGD and MaskedAdamW.
+
+AutoFLIP's local training is masked (ALGORITHMS.md 1.3): a pruned entry stays
+exactly 0, and neither its gradient nor its optimizer state moves it. Both
+optimizers here are ``torch.optim.Optimizer`` subclasses usable in plain
+PyTorch code. At construction every parameter, its gradient, its optimizer
+state and its mask become views into one contiguous fp32 buffer per (param
+group, device), so a step is one fused Triton launch on CUDA
+(fl/kernels/sgd.py, fl/kernels/adamw.py) or a few vectorised torch ops on
+the whole model on CPU.
+
+What the flat buffers change for the caller:
+
+- ``p.data`` is re-pointed into the flat buffer (in-place writes such as
+  ``load_state_dict`` on the model land there; moving the model to another
+  device after building the optimizer is not supported, as with torch).
+- ``p.grad`` is a view into the flat gradient buffer and ``zero_grad`` zeroes
+  it in place (``set_to_none`` is accepted and ignored). A gradient replaced
+  by other code (e.g. ``model.zero_grad()`` then ``backward``) is copied
+  back into the buffer at the next step; a parameter whose gradient is None
+  is stepped with a zero gradient (decay and momentum still act on it),
+  where torch would skip it.
+- Pruned entries stay 0 because ``set_masks`` zeroes them and their state,
+  and the fused step multiplies the update direction by the mask.
+
+With masks all ones (or None) and the options off, a CPU step matches
+torch.optim.SGD bitwise, and torch.optim.AdamW to about an ulp per step (the
+reference runs torch's fused AdamW kernel on the flat buffer; where that
+kernel is missing it runs torch's single-tensor op sequence, bitwise equal to
+AdamW(foreach=False)). See tests/test_optim.py for the tolerances and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from fl.kernels._dispatch import BACKENDS, use_triton
+from fl.kernels.adamw import masked_adamw_step_reference, masked_adamw_step_triton
+from fl.kernels.select import quantile
+from fl.kernels.sgd import masked_sgd_step_reference, masked_sgd_step_triton
+
+__all__ = ["MaskedAdamW", "MaskedSGD"]
+
+
+class _Flat:
+    """The flat buffers of the parameters of one param group on one device."""
+
+    def __init__(self, group_index: int, params: list[torch.Tensor], backend: str) -> None:
+        self.group_index = group_index  # groups are replaced by load_state_dict: look up
+        self.params = params
+        self.device = params[0].device
+        self.triton = use_triton(backend, self.device)
+        self.numels = [p.numel() for p in params]
+        bounds = [0]
+        for k in self.numels:
+            bounds.append(bounds[-1] + k)
+        self.bounds = bounds
+        n = bounds[-1]
+        self.n = n
+        self.param = torch.empty(n, dtype=torch.float32, device=self.device)
+        self.grad = torch.zeros(n, dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                view = self.view(self.param, i)
+                view.copy_(p)
+                p.data = view
+                if p.grad is not None:
+                    self.view(self.grad, i).copy_(p.grad)
+                p.grad = self.view(self.grad, i)
+        self.mask: torch.Tensor | None = None
+        self.anchor: torch.Tensor | None = None
+        self.state: dict[str, torch.Tensor] = {}
+        self.workspace: torch.Tensor | None = None
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        return flat[self.bounds[i] : self.bounds[i + 1]].view(self.params[i].shape)
+
+    def sync_grads(self) -> None:
+        """Make every ``p.grad`` a view of the flat gradient again (copying if replaced)."""
+        base = self.grad.data_ptr()
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and g.data_ptr() == base + 4 * self.bounds[i] and g.is_contiguous():
+                continue
+            view = self.view(self.grad, i)
+            if g is None:
+                view.zero_()
+            else:
+                view.copy_(g)
+            p.grad = view
+
+    def ensure_state(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            if key not in self.state:
+                self.state[key] = torch.zeros(self.n, dtype=torch.float32, device=self.device)
+
+    def scratch(self, rows: int) -> torch.Tensor:
+        if self.workspace is None or self.workspace.shape[0] < rows:
+            self.workspace = torch.empty(rows, self.n, dtype=torch.float32, device=self.device)
+        return self.workspace
+
+    def apply_mask(self) -> None:
+        """Zero the pruned entries of the parameters and of every state buffer."""
+        if self.mask is None:
+            return
+        keep = self.mask if self.mask.dtype == torch.float32 else self.mask.float()
+        self.param.mul_(keep)
+        for buf in self.state.values():
+            buf.mul_(keep)
+
+
+def _check_masks_arg(name: str, items: Sequence[Any] | None, count: int) -> Sequence[Any]:
+    if items is None or isinstance(items, torch.Tensor) or not isinstance(items, Sequence):
+        raise ValueError(f"{name}: expected a sequence with one entry per parameter ({count})")
+    if len(items) != count:
+        raise ValueError(f"{name}: expected {count} entries (one per parameter), got {len(items)}")
+    return items
+
+
+class _MaskedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: flat buffers, masks, anchor, clipping, state round trips."""
+
+    _state_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        masks: Sequence[torch.Tensor | None] | None,
+        backend: str,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self._backend = backend
+        self._flats: list[_Flat] = []
+        super().__init__(params, defaults)
+        for flat in self._flats:  # FedProx anchor: the weights the round started from
+            if self.param_groups[flat.group_index]["prox_mu"] != 0:
+                flat.anchor = flat.param.clone()
+        if masks is not None:
+            self.set_masks(masks)
+
+    # --- construction ----------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_group(param_group)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for i, p in enumerate(group["params"]):
+            if p.dtype != torch.float32:
+                raise ValueError(
+                    f"params: expected float32 parameters, got {p.dtype} for parameter {i} "
+                    "(fp32 master weights are required; fp16/bf16 gradients are accepted)"
+                )
+            if p.is_sparse:
+                raise ValueError(f"params: parameter {i} is sparse")
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            by_device.setdefault(p.device, []).append(p)
+        for params in by_device.values():
+            self._flats.append(_Flat(len(self.param_groups) - 1, params, self._backend))
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **group}
+        for key in ("lr", "weight_decay", "prox_mu"):
+            value = merged.get(key)
+            if isinstance(value, torch.Tensor):
+                value = float(value)
+            if not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{key}: expected a non-negative float, got {value!r}")
+        clip_value, clip_q = merged.get("clip_value"), merged.get("clip_quantile")
+        if clip_value is not None and clip_q is not None:
+            raise ValueError("clip_quantile: give clip_value or clip_quantile, not both")
+        if clip_value is not None and not (isinstance(clip_value, int | float) and clip_value > 0):
+            raise ValueError(f"clip_value: expected a positive float, got {clip_value!r}")
+        if clip_q is not None and not (isinstance(clip_q, int | float) and 0 < clip_q <= 1):
+            raise ValueError(f"clip_quantile: expected a float in (0, 1], got {clip_q!r}")
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _locate(self) -> dict[int, tuple[_Flat, int]]:
+        return {id(p): (flat, i) for flat in self._flats for i, p in enumerate(flat.params)}
+
+    # --- masks and anchor -------------------------------------------------------
+
+    @torch.no_grad()
+    def set_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
+        """Set one mask per parameter (bool or 0/1 tensor shaped like it, or None = dense).
+
+        Pruned parameters and their optimizer state are zeroed now and stay 0.
+        """
+        params = self._all_params()
+        masks = _check_masks_arg("masks", masks, len(params))
+        for i, (p, m) in enumerate(zip(params, masks, strict=True)):
+            if m is None:
+                continue
+            if not isinstance(m, torch.Tensor):
+                raise ValueError(f"masks: entry {i} is a {type(m).__name__}, not a tensor or None")
+            if m.shape != p.shape:
+                raise ValueError(
+                    f"masks: entry {i} has shape {tuple(m.shape)}, parameter {tuple(p.shape)}"
+                )
+            if m.device != p.device:
+                raise ValueError(f"masks: entry {i} is on {m.device}, parameter on {p.device}")
+            if m.dtype != torch.bool:
+                bad = int(((m != 0) & (m != 1)).sum())
+                if bad:
+                    raise ValueError(f"masks: entry {i} has {bad} entries that are not 0 or 1")
+        where = self._locate()
+        touched: set[int] = set()
+        for p, m in zip(params, masks, strict=True):
+            flat, i = where[id(p)]
+            if m is None and flat.mask is None:
+                continue
+            if flat.mask is None:
+                dtype = torch.uint8 if flat.triton else torch.float32
+                flat.mask = torch.ones(flat.n, dtype=dtype, device=flat.device)
+            view = flat.view(flat.mask, i)
+            if m is None:
+                view.fill_(1)
+            else:
+                view.copy_(m)
+            touched.add(id(flat))
+        for flat in self._flats:
+            if id(flat) in touched:
+                flat.apply_mask()
+
+    @torch.no_grad()
+    def set_anchor(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Set the FedProx anchor ``w_global``, one tensor per parameter (same shape)."""
+        params = self._all_params()
+        tensors = _check_masks_arg("tensors", tensors, len(params))
+        where = self._locate()
+        for i, (p, t) in enumerate(zip(params, tensors, strict=True)):
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"tensors: entry {i} is {shape}, parameter {tuple(p.shape)}")
+            if t.device != p.device:
+                raise ValueError(f"tensors: entry {i} is on {t.device}, parameter on {p.device}")
+        for p, t in zip(params, tensors, strict=True):
+            flat, i = where[id(p)]
+            if flat.anchor is None:
+                flat.anchor = torch.empty(flat.n, dtype=torch.float32, device=flat.device)
+            flat.view(flat.anchor, i).copy_(t)
+
+    # --- gradients ----------------------------------------------------------------
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffers in place (gradients stay views; see module doc)."""
+        del set_to_none
+        for flat in self._flats:
+            flat.grad.zero_()
+            flat.sync_grads()
+
+    def _clip_bound(self, flat: _Flat) -> float | torch.Tensor | None:
+        group = self.param_groups[flat.group_index]
+        if group["clip_value"] is not None:
+            return float(group["clip_value"])
+        if group["clip_quantile"] is None:
+            return None
+        g = flat.grad.abs()
+        if flat.mask is not None:
+            g = g.masked_select(flat.mask != 0)
+        if g.numel() == 0:
+            return 0.0
+        return quantile(g, float(group["clip_quantile"]), backend=self._backend)
+
+    def _anchor(self, flat: _Flat) -> torch.Tensor | None:
+        if self.param_groups[flat.group_index]["prox_mu"] == 0:
+            return None
+        if flat.anchor is None:
+            raise ValueError("prox_mu: > 0 needs an anchor; call set_anchor(global_weights)")
+        return flat.anchor
+
+    # --- state round trip -----------------------------------------------------------
+
+    def _publish_state(self, flat: _Flat) -> None:
+        """Expose per-parameter state as views of the flat state (torch's layout and keys)."""
+        for i, p in enumerate(flat.params):
+            st = self.state[p]
+            for key in self._state_keys:
+                st[key] = flat.view(flat.state[key], i)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict (ours or torch.optim.SGD's / AdamW's) into the flat buffers."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a torch.optim state dict lacks our options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        with torch.no_grad():
+            for flat in self._flats:
+                loaded = [self.state.get(p, {}) for p in flat.params]
+                if not any(st.get(self._state_keys[0]) is not None for st in loaded):
+                    continue
+                flat.ensure_state(self._state_keys)
+                for i, st in enumerate(loaded):
+                    for key in self._state_keys:
+                        if st.get(key) is not None:
+                            flat.view(flat.state[key], i).copy_(st[key])
+                        else:
+                            flat.view(flat.state[key], i).zero_()
+                self._load_extra(flat, loaded)
+                self._publish_state(flat)
+                flat.apply_mask()
+
+    def _load_extra(self, flat: _Flat, loaded: list[dict[str, Any]]) -> None:
+        """Restore state that is not a flat buffer (AdamW's step count)."""
+
+    def _closure(self, closure: Callable[[], float] | None) -> float | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """SGD with masks, FedProx and coordinate-wise clipping in one fused pass.
+
+    Per entry: ``d = clamp(g, -c, c) + prox_mu (w - w_global) + weight_decay w``,
+    masked; ``buf = momentum buf + d``; ``w -= lr (d + momentum buf)`` (Nesterov)
+    or ``lr buf``. With masks all ones and options off it is torch.optim.SGD.
+
+    Parameters
+    ----------
+    params : iterable of fp32 tensors or param-group dicts
+    lr : float
+    momentum : float, default 0.0
+    weight_decay : float, default 0.0 (coupled, as torch.optim.SGD)
+    nesterov : bool, default False
+    prox_mu : float, default 0.0
+        FedProx mu; the anchor ``w_global`` is the parameters at construction
+        unless :meth:`set_anchor` gives it.
+    clip_value : float or None, default None
+        Clamp every gradient coordinate to ``[-clip_value, clip_value]``.
+    clip_quantile : float or None, default None
+        Clamp to the exact ``clip_quantile``-quantile of ``|g|`` over the kept
+        entries, recomputed every step (an extra pass or four; off by default).
+    masks : sequence of (bool/0-1 tensor or None), one per parameter, default None
+    backend : "auto" | "torch" | "triton", default "auto"
+    """
+
+    _state_keys = ("momentum_buffer",)
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        prox_mu: float = 0.0,
+        clip_value: float | None = None,
+        clip_quantile: float | None = None,
+        masks: Sequence[torch.Tensor | None] | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(momentum, int | float) or momentum < 0:
+            raise ValueError(f"momentum: expected a non-negative float, got {momentum!r}")
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov: requires momentum > 0")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+            prox_mu=prox_mu, clip_value=clip_value, clip_quantile=clip_quantile,
+        )  # fmt: skip
+        super().__init__(params, defaults, masks, backend)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One fused masked step over every flat buffer."""
+        loss = self._closure(closure)
+        for flat in self._flats:
+            group = self.param_groups[flat.group_index]
+            flat.sync_grads()
+            momentum = group["momentum"]
+            if momentum != 0 and "momentum_buffer" not in flat.state:
+                flat.ensure_state(self._state_keys)
+                self._publish_state(flat)
+            kwargs = dict(
+                lr=float(group["lr"]), momentum=momentum, weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"], prox_mu=group["prox_mu"],
+                clip=self._clip_bound(flat),
+            )  # fmt: skip
+            buf = flat.state.get("momentum_buffer")
+            anchor = self._anchor(flat)
+            if flat.triton:
+                masked_sgd_step_triton(flat.param, flat.grad, buf, flat.mask, anchor, **kwargs)
+            else:
+                ws = flat.scratch(2 if group["prox_mu"] != 0 else 1)
+                masked_sgd_step_reference(
+                    flat.param, flat.grad, buf, flat.mask, anchor, workspace=ws, **kwargs
+                )
+        return loss
+
+
+class MaskedAdamW(_MaskedOptimizer):
+    """AdamW with masks, FedProx and coordinate-wise clipping in one fused pass.
+
+    Per entry: ``d = clamp(g, -c, c) + prox_mu (w - w_global)``, masked; then
+    torch.optim.AdamW's decoupled decay, moments and bias-corrected update.
+    Moments of pruned entries stay 0. With masks all ones and options off it
+    is torch.optim.AdamW (to an ulp per step; see the module docstring).
+
+    Parameters
+    ----------
+    params : iterable of fp32 tensors or param-group dicts
+    lr : float, default 1e-3
+    betas : (float, float), default (0.9, 0.999)
+    eps : float, default 1e-8
+    weight_decay : float, default 1e-2
+    prox_mu, clip_value, clip_quantile, masks, backend : as :class:`MaskedSGD`
+    """
+
+    _state_keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        prox_mu: float = 0.0,
+        clip_value: float | None = None,
+        clip_quantile: float | None = None,
+        masks: Sequence[torch.Tensor | None] | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        if (
+            not isinstance(betas, tuple | list)
+            or len(betas) != 2
+            or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
+        if not isinstance(eps, int | float) or eps < 0:
+            raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prox_mu=prox_mu,
+            clip_value=clip_value, clip_quantile=clip_quantile,
+        )  # fmt: skip
+        self._steps: dict[int, torch.Tensor] = {}
+        super().__init__(params, defaults, masks, backend)
+
+    def _publish_state(self, flat: _Flat) -> None:
+        super()._publish_state(flat)
+        step = self._steps.setdefault(id(flat), torch.tensor(0.0))
+        for p in flat.params:
+            self.state[p]["step"] = step  # one shared count: the whole buffer steps together
+
+    def _load_extra(self, flat: _Flat, loaded: list[dict[str, Any]]) -> None:
+        steps = [float(st["step"]) for st in loaded if "step" in st]
+        self._steps[id(flat)] = torch.tensor(max(steps) if steps else 0.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One fused masked step over every flat buffer."""
+        loss = self._closure(closure)
+        for flat in self._flats:
+            group = self.param_groups[flat.group_index]
+            flat.sync_grads()
+            if "exp_avg" not in flat.state:
+                flat.ensure_state(self._state_keys)
+                self._publish_state(flat)
+            step_t = self._steps[id(flat)]
+            step_t += 1
+            beta1, beta2 = group["betas"]
+            kwargs = dict(
+                step=int(step_t.item()), lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"],
+                prox_mu=group["prox_mu"], clip=self._clip_bound(flat),
+            )  # fmt: skip
+            args = (
+                flat.param, flat.grad, flat.state["exp_avg"], flat.state["exp_avg_sq"],
+                flat.mask, self._anchor(flat),
+            )  # fmt: skip
+            if flat.triton:
+                masked_adamw_step_triton(*args, **kwargs)
+            else:
+                ws = flat.scratch(3 if group["prox_mu"] != 0 else 2)
+                masked_adamw_step_reference(*args, workspace=ws, **kwargs)
+        return loss
