@@ -153,11 +153,9 @@ def test_gather_scatter_round_trip(data: list[tuple[float, bool]], backend: str)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n", [*SIZES, BIG])
-@pytest.mark.parametrize("block", [256, 100])
+@pytest.mark.parametrize(  # every size with two block sizes; one big case is enough
+    ("n", "block"), [(n, b) for n in SIZES for b in (256, 100)] + [(BIG, 256)])
 def test_quantize_matches_obvious_and_bound(backend: str, n: int, block: int) -> None:
-    if n == BIG and block != 256:
-        pytest.skip("one big case is enough")
     x = torch.randn(n, generator=_gen(n)) * torch.logspace(-3, 3, n)
     x[: min(n, block)] = 0.0 if n > 2 * block else x[: min(n, block)]  # an all-zero block
     q, scales = K.quantize_int8_blocks(x, block, backend=backend)
@@ -195,13 +193,12 @@ SQ_DEV_TOL = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n", [*SIZES, BIG])
-@pytest.mark.parametrize(("dtype", "atol", "rtol"), SQ_DEV_TOL)
+@pytest.mark.parametrize(  # every size and dtype; one big case (fp32) is enough
+    ("n", "dtype", "atol", "rtol"),
+    [(n, *tol) for n in SIZES for tol in SQ_DEV_TOL] + [(BIG, *SQ_DEV_TOL[0])])
 def test_sq_dev_accumulate(
     backend: str, n: int, dtype: torch.dtype, atol: float, rtol: float
 ) -> None:
-    if n == BIG and dtype != torch.float32:
-        pytest.skip("one big case is enough")
     g = _gen(n)
     acc = torch.rand(n, generator=g)
     a, b = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)

@@ -172,7 +172,7 @@ def test_margin_lambda_reaches_the_client_objective():
 
 
 def test_baseline_builders():
-    _, s, _ = experiment()
+    _, s, _ = experiment("strategy.name=fedavg")
     assert isinstance(s, SeededFedAvg)
     _, s, _ = experiment("strategy.name=random", "strategy.aggregation=fedld")
     assert isinstance(s, PrunedStrategy) and s.policy.name == "random"
