@@ -7,7 +7,9 @@
 ``evaluate`` -> loss and accuracy of the received model on this node's examples.
 
 The experiment config comes from the run config (the same flat keys the server
-reads); the node's data comes from its partition of the configured dataset.
+reads); the node's data from fl.data.node_data (its partition of the configured
+dataset in a simulation, its own file in a deployment), its device and threads
+from clients/edge.py.
 Nothing is kept in module globals except the read-only dataset cache: Ray
 reuses worker processes across simulated clients.
 """

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig
+from fl.node import DATA_PATH, NUM_CLASSES, NUM_PARTITIONS, PARTITION_ID
 
 
 @dataclass(frozen=True)
@@ -197,10 +198,8 @@ def partition_indices(
     return tuple(parts)
 
 
-@lru_cache(maxsize=2)  # one dataset per process: data is cached, never client state
-def _load_cached(ds: tuple, part: tuple, seed: int) -> FederatedData:
-    dcfg = DatasetConfig(*ds)
-    pcfg = PartitionConfig(*part)
+def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[np.ndarray, ...]:
+    """(train_x, train_y, test_x, test_y, groups-or-None): the pool and the test split."""
     groups = None
     if dcfg.name == "hf":
         xtr, ytr, xte, yte = _hf(dcfg.hf_name)
@@ -218,6 +217,13 @@ def _load_cached(ds: tuple, part: tuple, seed: int) -> FederatedData:
         tr = tr[np.random.default_rng(seed).permutation(len(tr))]
         train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
         groups = groups[tr] if groups is not None else None
+    return train_x, train_y, test_x, test_y, groups
+
+
+@lru_cache(maxsize=2)  # one dataset per process: data is cached, never client state
+def _load_cached(ds: tuple, part: tuple, seed: int) -> FederatedData:
+    pcfg = PartitionConfig(*part)
+    train_x, train_y, test_x, test_y, groups = _split_arrays(DatasetConfig(*ds), seed)
     num_classes = int(max(train_y.max(), test_y.max()) + 1)
     parts = partition_indices(train_y, pcfg, seed, groups)
     return FederatedData(
@@ -255,13 +261,181 @@ class NodeData:
     num_classes: int
 
 
+@dataclass(frozen=True)
+class EvalData:
+    """The centralized test split and the model's input shape and class count."""
+
+    test: Arrays
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@lru_cache(maxsize=2)
+def _load_test_cached(ds: tuple, seed: int) -> EvalData:
+    train_x, train_y, test_x, test_y, _ = _split_arrays(DatasetConfig(*ds), seed)
+    return EvalData(Arrays(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+                    tuple(train_x.shape[1:]), int(max(train_y.max(), test_y.max()) + 1))
+
+
+def load_test(cfg: ExperimentConfig) -> EvalData:
+    """The server's test split of ``cfg.dataset`` without partitioning the pool (cached).
+
+    The same split as :func:`load_federated`'s ``test`` (same seed); what a
+    deployed server evaluates on, where the nodes bring their own data.
+    """
+    d = cfg.dataset
+    return _load_test_cached(tuple(getattr(d, f) for f in DatasetConfig.__dataclass_fields__),
+                             cfg.seed)
+
+
 def node_data(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> NodeData:
-    """This node's examples: its partition of the configured dataset (simulation,
-    ``partition-id``/``num-partitions`` in the node config)."""
-    pid = int(node_config.get("partition-id", 0))
-    parts = int(node_config.get("num-partitions", cfg.partition.num_clients))
+    """This node's examples.
+
+    Simulation: its partition of the configured dataset (``partition-id`` and
+    ``num-partitions`` in the node config). Deployment: the node's own file or
+    folder named by ``data-path`` (see :func:`local_node_data`), no partitioning.
+    """
+    pid = int(node_config.get(PARTITION_ID, 0))
+    if node_config.get(DATA_PATH):
+        return local_node_data(cfg, str(node_config[DATA_PATH]), pid,
+                               node_config.get(NUM_CLASSES))
+    parts = int(node_config.get(NUM_PARTITIONS, cfg.partition.num_clients))
     if parts != cfg.partition.num_clients:
         raise DataError(f"partition.num_clients: the experiment has {cfg.partition.num_clients} "
                         f"clients but the federation has {parts} SuperNodes")
     fd = load_federated(cfg)
     return NodeData(pid, fd.client(pid), fd.input_shape, fd.num_classes)
+
+
+# --- node-local data (deployment) ---------------------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm")
+
+
+def load_image_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """An image folder: one sub-folder per class (sorted names -> labels 0, 1, ...).
+
+    Images are read with Pillow, scaled to [0, 1] and laid out (C, H, W); all
+    must have the same size and mode (grayscale -> 1 channel, else RGB).
+    """
+    from PIL import Image
+
+    root = Path(path)
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"data-path: {str(root)!r} has no class sub-folders (expected "
+                        "DIR/CLASS/IMAGE files)")
+    xs, ys, shape = [], [], None
+    for label, d in enumerate(classes):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(f) as im:
+                im = im.convert("L") if im.mode in ("L", "1", "I;16", "I", "F") else \
+                    im.convert("RGB")
+                a = np.asarray(im, dtype=np.float32) / 255.0
+            a = a[None] if a.ndim == 2 else np.transpose(a, (2, 0, 1))
+            if shape is None:
+                shape = a.shape
+            elif a.shape != shape:
+                raise DataError(f"data-path: {str(f)!r} has shape {a.shape}; the other images "
+                                f"have {shape} (resize them to one size)")
+            xs.append(a)
+            ys.append(label)
+    if not xs:
+        raise DataError(f"data-path: {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
+def load_local(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """A node's own examples: ``(x, y, num_classes-or-None)`` from an .npz or image folder.
+
+    An .npz may carry a scalar ``num_classes`` (``bonsai deploy split`` writes
+    it) for nodes that lack the highest classes; an image folder's class count
+    is its number of sub-folders.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        x, y = load_image_folder(p)
+        return x, y, len([d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")])
+    if not p.exists():
+        raise DataError(f"data-path: {str(p)!r} does not exist")
+    try:
+        x, y = load_npz(p)
+        with np.load(p, allow_pickle=False) as f:
+            n = int(f["num_classes"]) if "num_classes" in f.files else None
+    except DataError as e:
+        raise DataError(str(e).replace("dataset.path", "data-path", 1)) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"data-path: {str(p)!r} is not a readable .npz file ({e})") from None
+    return x, y, n
+
+
+#: (input_shape, num_classes) of the bundled datasets, known without loading them
+_DIGITS_INFO = ((1, 8, 8), 10)
+_SYNTHETIC_INFO = ((60,), 10)  # synthetic(): dim=60, classes=10
+
+
+def _expected(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int] | None:
+    """(input_shape, num_classes) of the experiment's model when this machine can tell
+    cheaply (a bundled dataset, or the experiment's .npz is here), else None.
+
+    Runs in every ClientApp call of a deployed node, so it never imports
+    scikit-learn or splits a dataset.
+    """
+    d = cfg.dataset
+    if d.name == "digits":
+        return _DIGITS_INFO
+    if d.name == "synthetic":
+        return _SYNTHETIC_INFO
+    p = Path(d.path).expanduser()
+    if d.name == "npz" and p.is_file():
+        try:
+            with np.load(p, mmap_mode="r", allow_pickle=False) as f:
+                return tuple(int(s) for s in f["x"].shape[1:]), int(np.max(f["y"])) + 1
+        except (OSError, ValueError, KeyError):
+            return None
+    return None
+
+
+def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
+                    num_classes: Any = None) -> NodeData:
+    """A deployed node's examples from its own ``path``, checked against the model.
+
+    The model's input shape and class count come from the experiment's dataset
+    when this machine can load it (the server's test data: bundled digits,
+    synthetic, or an .npz present here); otherwise from ``num_classes`` (node
+    config), the file's own ``num_classes``, or its largest label + 1.
+
+    Raises
+    ------
+    DataError
+        A missing or unreadable path, or examples whose shape or labels do not
+        fit the experiment's model; the message names ``data-path``.
+    """
+    from fl.models import requires_image  # local: models imports torch.nn only
+
+    x, y, file_classes = load_local(path)
+    shape = tuple(int(s) for s in x.shape[1:])
+    expected = _expected(cfg)
+    if expected is not None:
+        want_shape, classes = expected
+        if shape != tuple(want_shape):
+            raise DataError(
+                f"data-path: {path!r} holds examples of shape {shape}; the experiment's model "
+                f"{cfg.model!r} takes {tuple(want_shape)} (the shape of dataset.name="
+                f"{cfg.dataset.name!r})")
+    else:
+        if requires_image(cfg.model) and len(shape) != 3:
+            raise DataError(f"data-path: {path!r} holds examples of shape {shape}; model "
+                            f"{cfg.model!r} takes images (channels, height, width)")
+        classes = int(y.max()) + 1 if len(y) else 1
+        classes = max(classes, file_classes or 0)
+    if num_classes not in (None, ""):
+        classes = int(num_classes)
+    if len(y) == 0:
+        raise DataError(f"data-path: {path!r} holds no examples")
+    if int(y.max()) >= classes:
+        raise DataError(f"data-path: {path!r} has label {int(y.max())}; the experiment's model "
+                        f"has {classes} classes (labels 0..{classes - 1})")
+    return NodeData(partition_id, Arrays(torch.from_numpy(x), torch.from_numpy(y)), shape,
+                    classes)

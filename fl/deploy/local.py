@@ -1,0 +1,215 @@
+"""A whole Flower deployment on loopback, for one run: SuperLink with TLS and node
+authentication, N SuperNodes each with its own data, registration of their keys,
+``flwr run``; everything ended by PID afterwards, also on failure or Ctrl-C.
+
+This is the real deployment path (separate processes talking HTTPS on
+127.0.0.1), not the simulation runtime: what works here works across machines
+with the same commands and other host names (README, Deployment).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl.deploy.keys import KeySet, check_node_key, check_superlink_tls, make_keys
+from fl.deploy.processes import (
+    DeployError,
+    Processes,
+    SuperLinkSpec,
+    SuperNodeSpec,
+    connection_toml,
+    register_node,
+    superlink_command,
+    supernode_command,
+    wait_node,
+    wait_superlink,
+)
+from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
+from fl.runtime import FLOWER_ENV, MARKER_ENV, _bin, app_dir, free_port
+
+__all__ = ["LocalFederation", "LocalNode", "existing_keys"]
+
+CONNECTION = "bonsai-local"
+
+
+@dataclass
+class LocalNode:
+    """One SuperNode of a loopback federation.
+
+    ``register=False`` starts it with a key the SuperLink does not know (it is
+    refused: what an intruder sees).
+    """
+
+    name: str
+    data_path: str
+    partition_id: int
+    device: str | None = None
+    threads: int | None = None
+    register: bool = True
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+    node_id: int | None = None  #: set once connected
+    refused: bool = False
+
+    def node_config(self, metrics_path: Path | None) -> dict[str, Any]:
+        cfg: dict[str, Any] = {PARTITION_ID: self.partition_id,
+                               DATA_PATH: str(Path(self.data_path).resolve())}
+        if self.device:
+            cfg[DEVICE] = self.device
+        if self.threads:
+            cfg[THREADS] = self.threads
+        if metrics_path is not None:
+            cfg[METRICS_PATH] = str(metrics_path)
+        cfg.update(self.extra_config)
+        return cfg
+
+
+def existing_keys(keys_dir: str | Path, names: Sequence[str]) -> KeySet:
+    """A ``bonsai deploy keys`` folder with valid TLS files and a key for every node."""
+    ks = KeySet(Path(keys_dir), tuple(names))
+    check_superlink_tls(ks.ca_cert, ks.superlink_cert, ks.superlink_key)
+    missing = [n for n in names if not ks.node_key(n).is_file()]
+    if missing:
+        raise DeployError(f"--keys: {str(keys_dir)!r} has no key for {', '.join(missing)} "
+                          f"(create them with `bonsai deploy keys --nodes {len(names)}`)")
+    for n in names:
+        check_node_key(ks.node_key(n))
+    return ks
+
+
+class LocalFederation:
+    """SuperLink + SuperNodes on 127.0.0.1 with TLS and node auth; a context manager.
+
+    >>> with LocalFederation(run_dir, nodes) as fed:
+    ...     proc = fed.flwr_run(run_config_toml)
+    ...     refused = fed.wait_nodes()
+
+    Parameters
+    ----------
+    log_dir:
+        Where the processes' logs go (``superlink.log``, ``nodes/NAME.log``) and
+        the nodes' own per-round metrics (``nodes/NAME.jsonl``).
+    nodes:
+        The SuperNodes to start.
+    keys_dir:
+        Existing ``bonsai deploy keys`` folder; None makes fresh keys in a
+        private temporary folder.
+    insecure:
+        No TLS and no node auth (for debugging only).
+    """
+
+    def __init__(self, log_dir: str | Path, nodes: Sequence[LocalNode],
+                 keys_dir: str | Path | None = None, insecure: bool = False,
+                 startup_timeout: float = 90.0):
+        self.log_dir = Path(log_dir)
+        self.nodes = list(nodes)
+        self.insecure = insecure
+        self.startup_timeout = startup_timeout
+        self.home = Path(tempfile.mkdtemp(prefix="bonsai-deploy-"))
+        self.keys_dir = Path(keys_dir) if keys_dir else self.home / "keys"
+        self.port = free_port()
+        self.marker = uuid.uuid4().hex
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), MARKER_ENV: self.marker}
+        self.procs = Processes(env, self.marker)
+        self.address = f"127.0.0.1:{self.port}"
+        self.keys: KeySet | None = None
+
+    # --- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.insecure:
+            names = [n.name for n in self.nodes]
+            if (self.keys_dir / "ca.crt").exists():
+                self.keys = existing_keys(self.keys_dir, names)
+            else:
+                self.keys = make_keys(self.keys_dir, ["127.0.0.1"], names)
+                check_superlink_tls(self.keys.ca_cert, self.keys.superlink_cert,
+                                    self.keys.superlink_key)
+        ca = str(self.keys.ca_cert) if self.keys else None
+        (self.home / "config.toml").write_text(
+            connection_toml(CONNECTION, self.address, ca, insecure=self.insecure))
+        spec = SuperLinkSpec(
+            host="127.0.0.1", port=self.port, insecure=self.insecure, ca_cert=ca,
+            cert=str(self.keys.superlink_cert) if self.keys else None,
+            key=str(self.keys.superlink_key) if self.keys else None,
+        )
+        sl = self.procs.start("superlink", superlink_command(spec),
+                              self.log_dir / "superlink.log")
+        wait_superlink(sl, self.address, ca, self.log_dir / "superlink.log",
+                       self.startup_timeout)
+        if self.keys:  # `flwr supernode register` per key, all at once
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda n: register_node(self.keys.node_pub(n.name), CONNECTION,
+                                                      self.procs.env, name=n.name),
+                              [n for n in self.nodes if n.register]))
+        for node in self.nodes:
+            self._start_node(node)
+
+    def wait_nodes(self) -> list[LocalNode]:
+        """Wait until every SuperNode connected or was refused; return the refused ones.
+
+        Call it after :meth:`flwr_run` to overlap the nodes' start with the ServerApp's
+        (the server's discovery waits for the nodes anyway).
+        """
+        for node in self.nodes:
+            log = self.log_dir / "nodes" / f"{node.name}.log"
+            node.node_id = wait_node(self.procs.procs[node.name], log, self.startup_timeout)
+            node.refused = node.node_id is None
+        return [n for n in self.nodes if n.refused]
+
+    def _start_node(self, node: LocalNode) -> None:
+        spec = SuperNodeSpec(
+            superlink=self.address, insecure=self.insecure,
+            root_cert=str(self.keys.ca_cert) if self.keys else None,
+            auth_key=str(self.keys.node_key(node.name)) if self.keys else None,
+            port=free_port(), node_config=node.node_config(
+                (self.log_dir / "nodes" / f"{node.name}.jsonl").resolve()),
+        )
+        env = {}
+        if node.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU-only node really sees no GPU
+        if node.threads:
+            env["OMP_NUM_THREADS"] = str(node.threads)
+        self.procs.start(node.name, supernode_command(spec),
+                         self.log_dir / "nodes" / f"{node.name}.log", env=env)
+
+    @property
+    def connected(self) -> list[LocalNode]:
+        return [n for n in self.nodes if not n.refused]
+
+    def flwr_run(self, run_config_toml: Path, log_name: str = "flower.log") -> subprocess.Popen:
+        """Start ``flwr run APP bonsai-local --stream --run-config FILE``."""
+        return self.procs.start(
+            "flwr-run", [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
+                         "--run-config", str(run_config_toml)],
+            self.log_dir / log_name, cwd=str(app_dir()))
+
+    def kill_node(self, name: str) -> None:
+        """Crash one SuperNode (SIGKILL, with its ClientApp processes)."""
+        self.procs.kill(name)
+
+    def close(self) -> None:
+        """End every process by PID (flwr run, nodes, SuperLink), then remove the temp dir."""
+        try:
+            self.procs.close()
+        finally:
+            shutil.rmtree(self.home, ignore_errors=True)

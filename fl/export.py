@@ -1,0 +1,274 @@
+"""Export a run's final global model for on-device inference, physically shrunk.
+
+A results folder (:mod:`fl.results`) holds ``config.json`` and
+``final_model.pt`` (the global model in full-model shapes). When AutoFLIP ran,
+it also holds ``structure.json``: group name -> kept unit indices
+(:func:`fl.pruning.structure_to_json`). :func:`export_run`
+
+1. builds the global model and applies the structure's mask (removed units are
+   zero in the global model AutoFLIP serves);
+2. builds the small model with :func:`fl.pruning.shrink_model` and loads
+   :func:`fl.pruning.shrink_state` of the global state: removed filters and
+   neurons are gone, not zeros (without ``structure.json`` the model is exported
+   as it is);
+3. saves it as TorchScript (``torch.jit.trace``) or ONNX (``torch.onnx.export``
+   with ``dynamo=False``, opset 17, a dynamic batch dimension);
+4. reloads the saved file and checks that it predicts the same classes as the
+   global model on the run's test split, and measures parameters, file size,
+   FLOPs per example (:func:`fl.pruning.count_flops`) and CPU latency.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fl.config import ConfigError, ExperimentConfig, build
+from fl.data import load_test
+from fl.models import build_model
+from fl.pruning import (
+    count_flops,
+    groups_for,
+    shrink_model,
+    shrink_state,
+    structure_from_json,
+    structured_mask,
+)
+
+__all__ = ["FORMATS", "ExportError", "ExportMismatch", "ExportReport", "export_run",
+           "load_global"]
+
+FORMATS = ("torchscript", "onnx")
+STRUCTURE_JSON = "structure.json"
+FINAL_MODEL = "final_model.pt"
+SUFFIX = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+
+
+class ExportError(ValueError):
+    """The results folder cannot be exported (missing or inconsistent files)."""
+
+
+class ExportMismatch(ExportError):
+    """The saved file does not predict what the global model predicts."""
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The final global model of a run, in both views."""
+
+    cfg: ExperimentConfig
+    full: nn.Module  #: full-model shapes, removed units zeroed
+    small: nn.Module  #: physically shrunk (== full when there is no structure)
+    input_shape: tuple[int, ...]
+    num_classes: int
+    structured: bool
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export_run` wrote and measured."""
+
+    path: Path
+    format: str
+    structured: bool
+    params: int
+    full_params: int
+    file_bytes: int
+    flops: int
+    full_flops: int
+    latency_ms: float  #: median CPU latency of one example (batch 1)
+    latency_runtime: str
+    threads: int
+    test_examples: int
+    equal_predictions: int
+    max_abs_logit_diff: float
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_global(results_dir: str | Path) -> GlobalModel:
+    """Read ``config.json``, ``final_model.pt`` and (if present) ``structure.json``."""
+    d = Path(results_dir).expanduser()
+    if not d.is_dir():
+        raise ExportError(f"RESULTS_DIR: {str(d)!r} is not a folder")
+    for f in ("config.json", FINAL_MODEL):
+        if not (d / f).is_file():
+            raise ExportError(f"RESULTS_DIR: {str(d)!r} has no {f} (did the run finish?)")
+    try:
+        cfg = build(_flatten(json.loads((d / "config.json").read_text())))
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise ExportError(f"{d / 'config.json'}: not a valid experiment config ({e})") from None
+    try:
+        test = load_test(cfg)
+    except Exception as e:  # noqa: BLE001 - any loader failure is one line for the user
+        raise ExportError(f"cannot load the run's test data ({cfg.dataset.name}): {e}") from None
+    shape, classes = test.input_shape, test.num_classes
+    state = torch.load(d / FINAL_MODEL, map_location="cpu", weights_only=True)
+    full = build_model(cfg.model, shape, classes)
+    try:
+        full.load_state_dict(state)
+    except RuntimeError as e:
+        raise ExportError(f"{d / FINAL_MODEL} does not fit model {cfg.model!r} with input "
+                          f"{shape} and {classes} classes: {str(e).splitlines()[0]}") from None
+    small: nn.Module = full
+    structured = (d / STRUCTURE_JSON).is_file()
+    if structured:
+        try:
+            structure = structure_from_json((d / STRUCTURE_JSON).read_text())
+            groups = groups_for(cfg.model, shape, classes)
+            masks = structured_mask(groups, structure, state)
+            masked = {n: t * masks[n].to(t.dtype) if n in masks else t for n, t in state.items()}
+            full.load_state_dict(masked)
+            small = shrink_model(cfg.model, shape, classes, structure)
+            small.load_state_dict(shrink_state(masked, groups, structure))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ExportError(f"{d / STRUCTURE_JSON} does not fit the model: {e}") from None
+    full.eval()
+    small.eval()
+    return GlobalModel(cfg, full, small, tuple(shape), classes, structured)
+
+
+def _save(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:
+    if fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+        traced.save(str(path))
+        return
+    try:
+        import onnx  # noqa: F401 - torch.onnx.export needs it
+    except ImportError:
+        raise ExportError("--format onnx needs the onnx package: pip install "
+                          "'bonsai-fl[export]' (onnx, onnxscript)") from None
+    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _runner(fmt: str, path: Path, fallback: nn.Module
+            ) -> tuple[Callable[[np.ndarray], np.ndarray], str, Callable[[np.ndarray], Any]]:
+    """(predict for checking, latency runtime name, call for timing) of the saved file."""
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        loaded.eval()
+
+        def run_ts(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return loaded(torch.from_numpy(x)).numpy()
+
+        return run_ts, "TorchScript (torch.jit.load)", run_ts
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ref = ReferenceEvaluator(model)
+
+    def run_ref(x: np.ndarray) -> np.ndarray:
+        return np.asarray(ref.run(None, {"input": x})[0])
+
+    try:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run_ort(x: np.ndarray) -> np.ndarray:
+            return np.asarray(sess.run(None, {"input": x})[0])
+
+        return run_ort, "ONNX Runtime (CPU)", run_ort
+    except ImportError:
+        pass
+
+    def run_torch(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return fallback(torch.from_numpy(x)).numpy()
+
+    # no onnxruntime here: check with ONNX's reference evaluator, time the exported module
+    return run_ref, "PyTorch eager (the exported module; onnxruntime not installed)", run_torch
+
+
+def _latency_ms(call: Callable[[np.ndarray], Any], x: np.ndarray, runs: int) -> float:
+    for _ in range(min(5, runs)):
+        call(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        call(x)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None,
+               threads: int = 1, runs: int = 50) -> ExportReport:
+    """Export the final global model of ``results_dir``; see the module docstring.
+
+    Raises
+    ------
+    ExportError
+        Bad format, missing files, a structure that does not fit the model, or
+        an exported file whose predictions differ from the global model's.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if threads < 1 or runs < 1:
+        raise ExportError("--threads and --runs must be >= 1")
+    g = load_global(results_dir)
+    path = Path(out) if out else Path(results_dir) / f"model{SUFFIX[fmt]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, *g.input_shape)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 marks TorchScript and the TorchScript-based ONNX exporter deprecated;
+            # both still work and are what small runtimes load today (DESIGN.md, checked)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            _save(g.small, example, fmt, path)
+            predict, runtime, timed = _runner(fmt, path, g.small)
+        x_test = load_test(g.cfg).test.x.numpy().astype(np.float32)
+        with torch.no_grad():
+            want = g.full(torch.from_numpy(x_test)).numpy()
+        got = np.concatenate([predict(x_test[i:i + 256]) for i in range(0, len(x_test), 256)])
+        latency = _latency_ms(timed, x_test[:1], runs)
+    finally:
+        torch.set_num_threads(prev_threads)
+    equal = int((got.argmax(1) == want.argmax(1)).sum())
+    report = ExportReport(
+        path=path, format=fmt, structured=g.structured,
+        params=sum(p.numel() for p in g.small.parameters()),
+        full_params=sum(p.numel() for p in g.full.parameters()),
+        file_bytes=path.stat().st_size,
+        flops=count_flops(g.small, g.input_shape), full_flops=count_flops(g.full, g.input_shape),
+        latency_ms=round(latency, 4), latency_runtime=runtime, threads=threads,
+        test_examples=len(x_test), equal_predictions=equal,
+        max_abs_logit_diff=float(np.abs(got - want).max()) if len(got) else 0.0,
+    )
+    (path.parent / (path.name + ".json")).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if equal != len(x_test):
+        raise ExportMismatch(f"the exported model predicts {len(x_test) - equal} of {len(x_test)} "
+                          f"test examples differently from the global model (max logit "
+                          f"difference {report.max_abs_logit_diff:.3g}); {path} is not usable")
+    return report

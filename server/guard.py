@@ -1,0 +1,81 @@
+"""A Grid that does not let the server wait forever for nodes that are gone.
+
+Flower's strategies sample with ``sample_nodes``, which loops "waiting for nodes
+to connect" without a deadline when fewer than ``min_available_nodes`` are
+online: in a deployment, a node that crashed (and that the SuperLink has since
+marked offline) would hang the ServerApp. :class:`NodeGuard` wraps the Grid
+after discovery and raises :class:`~server.population.FederationError` with a
+clear message once fewer than ``min_nodes`` nodes have been connected for
+longer than ``timeout`` seconds. Everything else is passed through.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import WARNING
+from typing import Any
+
+from flwr.app import Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from server.population import FederationError
+
+
+class NodeGuard(Grid):
+    """Delegate to ``grid``; fail after ``timeout`` s with fewer than ``min_nodes`` nodes."""
+
+    def __init__(self, grid: Grid, min_nodes: int, timeout: float,
+                 clock: Any = time.monotonic):
+        self.grid = grid
+        self.min_nodes = min_nodes
+        self.timeout = timeout
+        self._clock = clock
+        self._short_since: float | None = None
+
+    def get_node_ids(self) -> Iterable[int]:
+        ids = list(self.grid.get_node_ids())
+        if len(ids) >= self.min_nodes:
+            self._short_since = None
+            return ids
+        now = self._clock()
+        if self._short_since is None:
+            self._short_since = now
+            log(WARNING, "only %d nodes connected; strategy.min_train_clients needs %d "
+                "(waiting up to %.0f s)", len(ids), self.min_nodes, self.timeout)
+        elif now - self._short_since > self.timeout:
+            raise FederationError(
+                f"only {len(ids)} nodes are still connected and strategy.min_train_clients="
+                f"{self.min_nodes} are needed (waited {now - self._short_since:.0f} s, "
+                f"strategy.round_timeout); the run stops")
+        return ids
+
+    # --- pass-through ------------------------------------------------------------------
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_nodes(self) -> Any:
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:  # anything a Grid subclass adds
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)

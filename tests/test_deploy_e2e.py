@@ -1,0 +1,178 @@
+"""Real deployments on 127.0.0.1: SuperLink with TLS and node authentication,
+SuperNodes each on its own .npz, ``flwr run`` of the Bonsai app; ports chosen
+free at run time; every process gone afterwards.
+
+Deployment rounds are slow (nodes and server poll about every 3 s and each
+message starts a ClientApp process), so the runs are 2 rounds of a small MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from fl.cli.deploy import plan_local, run_local, write_split
+from fl.config import load
+from fl.deploy import LocalNode
+from fl.export import export_run
+from fl.results import read_rounds
+from fl.runtime import marked
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = """\
+# bonsai deploy local THIS_FILE --nodes 2 --data DIR
+name: deploy-test
+rounds: 2
+model: mlp
+dataset:
+  name: digits
+partition:
+  kind: iid
+  num_clients: 2
+train:
+  local_epochs: 1
+  batch_size: 32
+strategy:
+  name: autoflip
+  min_train_clients: 2
+  round_timeout: 60
+pruning:
+  structured_ratio: 0.5
+  unstructured_ratio: 0.5
+  schedule_rounds: 2
+  mask_every: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An experiment file and one .npz per node (4 nodes' worth)."""
+    d = tmp_path_factory.mktemp("deploy")
+    exp = d / "exp.yaml"
+    exp.write_text(EXPERIMENT)
+    write_split(load(exp, ["partition.num_clients=4"]), d / "data")
+    return exp, d / "data"
+
+
+def _leftovers(mark: str) -> list[int]:
+    needle = f"BONSAI_TEST_MARK={mark}".encode()
+    found = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                env = Path(f"/proc/{e}/environ").read_bytes().split(b"\0")
+                st = Path(f"/proc/{e}/stat").read_text()
+            except OSError:
+                continue
+            if needle in env and st[st.rindex(")") + 2] != "Z":
+                found.append(int(e))
+    return found
+
+
+def _wait_gone(check, timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := check()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _bonsai(args: list[str], mark: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fl.cli", *args], cwd=ROOT,
+                            env={**os.environ, "BONSAI_TEST_MARK": mark},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_deploy_local_two_nodes_tls_auth_own_data(setup, tmp_path):
+    exp, data = setup
+    mark = uuid.uuid4().hex
+    proc = _bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
+                    "--threads", "1", "--device", "cpu", "--set", f"output_dir={tmp_path}/r"],
+                   mark)
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert _wait_gone(lambda: _leftovers(mark)) == []
+    (run_dir,) = (tmp_path / "r").iterdir()
+    assert f"results: {run_dir}" in out and "accuracy" in out  # the live table, then summary
+    for f in ("config.json", "rounds.jsonl", "rounds.csv", "summary.json", "final_model.pt"):
+        assert (run_dir / f).is_file(), f
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["clients"] == 2 and r["failures"] == 0 for r in rounds[1:])
+    assert rounds[2]["accuracy"] > rounds[0]["accuracy"] + 0.1
+    # TLS on the SuperLink, node authentication on, nodes on their own files
+    assert "https://127.0.0.1" in (run_dir / "superlink.log").read_text()
+    for i in range(2):
+        log = (run_dir / "nodes" / f"node-{i}.log").read_text()
+        assert "SuperNode ID" in log
+        lines = [json.loads(s) for s in (run_dir / "nodes" / f"node-{i}.jsonl").read_text()
+                 .splitlines()]
+        assert [(r["message"], r["round"]) for r in lines] == [
+            ("train.explore", 0), ("train", 1), ("train", 2)]  # AutoFLIP explores first
+        assert all(r["peak-memory-mb"] > 10 and r["threads"] == 1 and r["train-seconds"] > 0
+                   for r in lines)
+        assert all(r["partition-id"] == i for r in lines)
+    # AutoFLIP's structure -> an edge model without the removed units, same predictions
+    assert (run_dir / "structure.json").is_file()
+    r = export_run(run_dir, "torchscript", runs=3)
+    assert r.structured and r.params < 0.8 * r.full_params
+    assert r.equal_predictions == r.test_examples
+
+
+def test_unregistered_node_refused_and_killed_node_does_not_hang(setup, tmp_path):
+    """3 registered nodes and one whose key is not registered; node-2 crashes (SIGKILL)
+    right after discovery: round 1 ends at its timeout with the other two."""
+    exp, data = setup
+    timeout = 30.0  # a normal round here takes 10-25 s (2 shared cores)
+    cfg = load(exp, ["strategy.name=fedavg", "rounds=1", "partition.num_clients=3",
+                     "strategy.min_train_clients=2", f"strategy.round_timeout={timeout}",
+                     f"output_dir={tmp_path}/r"])
+    nodes = plan_local(cfg, data, 3, device="cpu", threads=1)
+    nodes.append(LocalNode("node-3", str(data / "node-3.npz"), 3, register=False))
+    seen: dict[str, object] = {}
+
+    def on_poll(fed, run_dir):
+        seen["marker"] = fed.marker
+        if "killed" not in seen and read_rounds(run_dir):  # round 0: discovery is done
+            fed.kill_node("node-2")
+            seen["killed"] = True
+
+    summary = run_local(cfg, nodes, live=False, on_poll=on_poll)
+    assert _wait_gone(lambda: marked(str(seen["marker"]))) == []
+    assert summary["nodes"]["node-3"] == "refused"
+    assert all(isinstance(summary["nodes"][f"node-{i}"], int) for i in range(3))
+    assert "Exit Code: 305" in (Path(summary["run_dir"]) / "nodes" / "node-3.log").read_text()
+    assert "killed" in seen
+    rounds = read_rounds(summary["run_dir"])
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[1]["clients"] == 2 and rounds[1]["failures"] == 1  # completed with the others
+    assert timeout - 1 < rounds[1]["seconds"] < timeout + 15  # waited, but not past the timeout
+    assert rounds[1]["accuracy"] > rounds[0]["accuracy"]
+
+
+def test_ctrl_c_stops_every_process(setup, tmp_path):
+    exp, data = setup
+    mark = uuid.uuid4().hex
+    proc = _bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
+                    "--quiet", "--set", "rounds=50", "--set", f"output_dir={tmp_path}/r"], mark)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list((tmp_path / "r").glob("*/nodes/node-1.log"))
+        if logs and "SuperNode ID" in logs[0].read_text():
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert len(_leftovers(mark)) >= 4  # SuperLink, its SuperExec, 2 SuperNodes, ...
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130 and "interrupted" in err
+    assert _wait_gone(lambda: _leftovers(mark)) == []
