@@ -7,7 +7,8 @@ rule (fl.pruning.plan_masks, cubic schedule) turns scores into masks.
 - AutoFLIP (Interno et al., arXiv 2405.10271; ALGORITHMS.md 1): scores are the
   loss-exploration guidance G, folded with the squared client updates every round.
 - Magnitude: global magnitude pruning, scores |w|.
-- Random: a fresh uniform random score each recomputation (seeded).
+- Random: uniform random scores drawn once per run (seeded), so that the
+  masks of the rising schedule are nested, as the other policies' are.
 """
 
 from __future__ import annotations
@@ -109,13 +110,20 @@ class MagnitudePolicy(MaskPolicy):
 
 
 class RandomPolicy(MaskPolicy):
-    """Random pruning at the same sparsity: fresh uniform scores per recomputation."""
+    """Random pruning at the same sparsity and schedule.
+
+    The random scores are drawn once per run (seeded) and reused: each
+    recomputation removes further random units and weights and keeps the
+    earlier choices, as a pruning schedule should. (Fresh scores at every
+    recomputation would swap trained weights for zeros every few rounds: measured
+    on digits it left the model at chance accuracy, a straw man, not a baseline.)
+    """
 
     name = "random"
 
     def scores(self, theta: Mapping[str, torch.Tensor], server_round: int
                ) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(round_seed(self.seed, server_round, salt=77))
+        gen = torch.Generator().manual_seed(round_seed(self.seed, 0, salt=77))
         return {n: torch.rand(theta[n].shape, generator=gen) for n in self.prunable}
 
 
