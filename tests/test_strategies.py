@@ -205,3 +205,19 @@ def test_loss_decomposition_sums_to_the_measured_global_loss(strategy):
     direct = np.mean([evaluate(model, fd.client(i), torch.device("cpu"))[0] for i in range(3)])
     assert d["loss_global"] == pytest.approx(direct, rel=1e-9)
     assert d["loss_local"] < d["loss_global"]  # each model fits its own data best
+
+
+def test_pruning_baselines_tighten_nested_masks():
+    """Random and magnitude masks along the schedule only ever remove entries."""
+    for name in ("random", "magnitude"):
+        _, s, _ = experiment(f"strategy.name={name}", "pruning.mask_every=1",
+                             "pruning.schedule_rounds=3")
+        previous = None
+        for rnd in (1, 2, 3, 4):
+            s._recompute_mask(rnd)
+            current = {n: m.clone() for n, m in s.weight_masks.items()}
+            if previous is not None:
+                for n, m in current.items():
+                    assert not bool((m & ~previous[n]).any()), (name, rnd, n)
+            previous = current
+        assert s.density() < 0.2
