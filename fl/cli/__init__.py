@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fl.cli import keys, run, validate
+from fl.cli import deploy, export, keys, report, run, sweep, validate
 
-SUBCOMMANDS = {"run": run, "validate": validate, "keys": keys}
+SUBCOMMANDS = {"run": run, "validate": validate, "keys": keys, "sweep": sweep,
+               "report": report}
+SUBCOMMANDS |= {"deploy": deploy, "export": export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Plain Flower FedAvg on an .npz dataset: the baseline of benchmarks/scale.py."""

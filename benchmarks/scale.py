@@ -1,0 +1,319 @@
+"""Scale: seconds per round and peak memory of Bonsai against plain Flower FedAvg.
+
+    python benchmarks/scale.py                        # 10, 100, 1000 clients, 3 rounds
+    python benchmarks/scale.py --sizes 10 100 --rounds 5 --repeat 3
+
+For each federation size N it runs, one after the other in this process's
+machine, (a) ``bonsai``'s simulation (``fl.cli.run.run_simulation``: private
+SuperLink, ``flwr run``, Bonsai's ServerApp/ClientApp, FedAvg with seeded
+sampling) and (b) a minimal plain-Flower app (benchmarks/plain_flower: Flower's
+own FedAvg, a plain PyTorch loop) on a private SuperLink of its own, with the
+same model (Bonsai's ``cnn``), data, client count, clients per round
+(min(N, --sampled)), local epochs, batch size and Ray resources (1 CPU per
+client). Both evaluate the global model on the same-size central test split
+after every round.
+
+Data ("digits-sized"): scikit-learn's 8x8 digit images repeated until there
+are 180 examples per client (at N = 10 that is the real digits set; at N = 1000,
+180,000 images, 46 MB as float32). The per-client work is then the same at
+every size (about 144 training examples per client, as with 10 clients on the
+real digits), so the 1000-client run measures the cost of the population, not
+of bigger clients. Repeated images carry no new information: this measures
+speed and memory, not accuracy.
+
+Measured per run: seconds of each round (Bonsai: the ``seconds`` of its round
+records; plain Flower: time between the end of successive evaluations, the
+same span), steady-state seconds per round (mean of rounds 2..R: round 1 also
+warms the Ray actors), wall seconds of the whole run, and peak memory of every
+process the run started (SuperLink, SuperExec, ServerApp, simulation, Ray's
+GCS/raylet and its workers; found by an environment marker every child
+inherits, sampled from /proc every 0.2 s): the peak of the summed RSS (what
+the issue asks; shared pages count once per process) and of the summed PSS
+(shared pages split; closer to the real footprint). Results go to
+benchmarks/results/scale-cpu.json with the machine, versions and ratios
+Bonsai / plain Flower. With ``--repeat K`` each size runs the two systems K
+times, alternating (load that drifts hits both); seconds per round is then the
+median and memory the maximum over the runs, and every run is kept in the JSON
+with the machine's 1-minute load average before and after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fl.config import build  # noqa: E402
+from fl.results import read_rounds  # noqa: E402
+from fl.runtime import CONNECTION, SimulationRuntime, _bin, _toml_value  # noqa: E402
+
+PLAIN_APP = ROOT / "benchmarks" / "plain_flower"
+EXAMPLES_PER_CLIENT = 180
+MARK = "BONSAI_SCALE_MARK"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- data ------------------------------------------------------------------------
+def make_data(num_clients: int, path: Path) -> int:
+    """Digits repeated to EXAMPLES_PER_CLIENT * num_clients images, as an .npz."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    total = EXAMPLES_PER_CLIENT * num_clients
+    reps = math.ceil(total / len(y))
+    x, y = np.tile(x, (reps, 1, 1, 1))[:total], np.tile(y, reps)[:total]
+    np.savez(path, x=x, y=y)
+    return total
+
+
+# --- memory sampling ----------------------------------------------------------------
+def _marked_pids(mark: str) -> list[int]:
+    needle = f"{MARK}={mark}".encode()
+    me = os.getpid()
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit() and int(e) != me:
+            try:
+                if needle in Path(f"/proc/{e}/environ").read_bytes().split(b"\0"):
+                    out.append(int(e))
+            except OSError:
+                pass
+    return out
+
+
+def _mem(pid: int) -> tuple[str, int, int] | None:
+    """(command name, RSS bytes, PSS bytes) of ``pid``."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        pss = rss
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+        return comm, rss, pss
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemorySampler(threading.Thread):
+    """Samples the summed RSS/PSS of the marked processes; keeps the peaks."""
+
+    def __init__(self, mark: str, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.mark, self.interval = mark, interval
+        self.stop = threading.Event()
+        self.peak_rss = self.peak_pss = 0
+        self.peak_breakdown: dict[str, int] = {}
+        self.peak_procs = 0
+        self.timeline: list[tuple[float, int]] = []
+        self.t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            mems = [m for p in _marked_pids(self.mark) if (m := _mem(p))]
+            rss, pss = sum(m[1] for m in mems), sum(m[2] for m in mems)
+            self.timeline.append((round(time.perf_counter() - self.t0, 2), rss))
+            if rss > self.peak_rss:
+                self.peak_rss, self.peak_procs = rss, len(mems)
+                br: dict[str, int] = {}
+                for comm, r, _ in mems:
+                    br[comm] = br.get(comm, 0) + r
+                self.peak_breakdown = br
+            self.peak_pss = max(self.peak_pss, pss)
+            self.stop.wait(self.interval)
+
+
+def _measure(fn, mark: str) -> tuple[Any, MemorySampler, float]:
+    os.environ[MARK] = mark
+    sampler = MemorySampler(mark)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+        os.environ.pop(MARK, None)
+    return out, sampler, wall
+
+
+# --- the two systems ------------------------------------------------------------------
+def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[float]:
+    from rich.console import Console
+
+    from fl.cli.run import run_simulation
+
+    cfg = build({
+        "name": f"scale-{n}", "seed": 0, "rounds": a.rounds, "model": "cnn",
+        "output_dir": str(work), "dataset.name": "npz", "dataset.path": str(data),
+        "dataset.test_fraction": 0.2, "partition.kind": "iid", "partition.num_clients": n,
+        "strategy.name": "fedavg", "strategy.fraction_train": min(1.0, a.sampled / n),
+        "strategy.min_train_clients": 2, "train.local_epochs": a.epochs,
+        "train.batch_size": 16, "train.lr": 0.05, "train.momentum": 0.9,
+        "resources.client_cpus": 1,
+    })
+    run_simulation(cfg, Console(file=open(os.devnull, "w")), live=False)  # noqa: SIM115
+    return [r["seconds"] for r in read_rounds(cfg.run_dir) if r["round"] > 0]
+
+
+def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[float]:
+    times = work / f"plain-{n}-times.json"
+    run_config = work / f"plain-{n}.toml"
+    rc = {"num-server-rounds": a.rounds, "fraction-train": min(1.0, a.sampled / n),
+          "local-epochs": a.epochs, "batch-size": 16, "lr": 0.05, "momentum": 0.9,
+          "test-fraction": 0.2, "seed": 0, "data-path": str(data), "times-path": str(times)}
+    run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in rc.items()))
+    fed = f"num-supernodes={n} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
+    log_dir = work / f"plain-{n}"
+    with SimulationRuntime(log_dir) as rt:
+        log = open(log_dir / "flower.log", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [_bin("flwr"), "run", str(PLAIN_APP), CONNECTION, "--stream", "--run-config",
+             str(run_config), "--federation-config", fed],
+            env={**rt.env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, cwd=str(PLAIN_APP), start_new_session=True)
+        log.close()
+        rt.children.append(proc)
+        rc_ = proc.wait()
+    if not times.exists():
+        tail = (log_dir / "flower.log").read_text(errors="replace").splitlines()[-20:]
+        raise RuntimeError(f"plain Flower run (N={n}) failed (exit {rc_}):\n" + "\n".join(tail))
+    return json.loads(times.read_text())["round_seconds"]
+
+
+def _summary(seconds: list[float], sampler: MemorySampler, wall: float) -> dict[str, Any]:
+    steady = seconds[1:] or seconds
+    return {
+        "round_seconds": [round(s, 3) for s in seconds],
+        "seconds_per_round": round(sum(steady) / len(steady), 3),
+        "wall_seconds": round(wall, 1),
+        "peak_rss_bytes": sampler.peak_rss,
+        "peak_rss_gib": round(sampler.peak_rss / 2**30, 3),
+        "peak_pss_bytes": sampler.peak_pss,
+        "peak_pss_gib": round(sampler.peak_pss / 2**30, 3),
+        "processes_at_peak": sampler.peak_procs,
+        "rss_at_peak_by_command_mib": {k: round(v / 2**20, 1) for k, v in
+                                       sorted(sampler.peak_breakdown.items(),
+                                              key=lambda kv: -kv[1])},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sampled", type=int, default=100, help="clients per round (at most)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs")
+    p.add_argument("--systems", nargs="+", default=["bonsai", "plain"],
+                   choices=["bonsai", "plain"])
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per system and size, alternating; seconds per round is their "
+                        "median, memory their maximum")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale-cpu.json"))
+    a = p.parse_args()
+    for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
+        os.environ.setdefault(k, v)
+    import flwr
+    import torch
+
+    result: dict[str, Any] = {
+        "benchmark": "benchmarks/scale.py", "argv": sys.argv[1:],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "flwr": flwr.__version__},
+        "setup": {"model": "cnn", "data": f"digits repeated, {EXAMPLES_PER_CLIENT} per client, "
+                  "80% train pool / 20% central test", "partition": "iid",
+                  "local_epochs": a.epochs, "batch_size": 16, "rounds": a.rounds,
+                  "client_cpus": 1, "clients_per_round": f"min(N, {a.sampled})",
+                  "repeat": a.repeat},
+        "sizes": {},
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bonsai-scale-") as tmp:
+        work = Path(tmp)
+        for n in a.sizes:
+            data = work / f"digits-{n}.npz"
+            total = make_data(n, data)
+            entry: dict[str, Any] = {"clients": n, "sampled_per_round": min(n, a.sampled),
+                                     "examples": total}
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in a.systems}
+            for rep in range(a.repeat):  # alternate the systems: load drifts hit both
+                for system in a.systems:
+                    fn = run_bonsai if system == "bonsai" else run_plain
+                    print(f"N={n}: {system} (run {rep + 1}/{a.repeat}) ...", flush=True)
+                    load = os.getloadavg()[0]
+                    try:
+                        secs, sampler, wall = _measure(
+                            lambda fn=fn, n=n, data=data: fn(n, data, work, a),
+                            uuid.uuid4().hex)
+                    except Exception as e:  # record and go on with the next measurement
+                        runs[system].append({"error": str(e)[-2000:]})
+                        print(f"  failed: {str(e)[:500]}", flush=True)
+                        continue
+                    s = _summary(secs, sampler, wall)
+                    s["load_average_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+                    runs[system].append(s)
+                    print(f"  {s['seconds_per_round']:.2f} s/round (rounds "
+                          f"{s['round_seconds']}), peak RSS {s['peak_rss_gib']:.2f} GiB, PSS "
+                          f"{s['peak_pss_gib']:.2f} GiB, wall {s['wall_seconds']:.0f} s, load "
+                          f"{s['load_average_1min']}", flush=True)
+            for system, rs in runs.items():
+                ok = [r for r in rs if "error" not in r]
+                if not ok:
+                    entry[system] = {"runs": rs}
+                    continue
+                entry[system] = {
+                    "seconds_per_round": round(statistics.median(
+                        r["seconds_per_round"] for r in ok), 3),
+                    "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok),
+                    "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
+                    "peak_pss_bytes": max(r["peak_pss_bytes"] for r in ok),
+                    "peak_pss_gib": max(r["peak_pss_gib"] for r in ok),
+                    "wall_seconds": round(statistics.median(r["wall_seconds"] for r in ok), 1),
+                    "runs": rs,
+                }
+            b, f = entry.get("bonsai", {}), entry.get("plain", {})
+            if "seconds_per_round" in b and "seconds_per_round" in f:
+                entry["ratio_bonsai_over_plain"] = {
+                    "seconds_per_round": round(b["seconds_per_round"] / f["seconds_per_round"], 3),
+                    "peak_rss": round(b["peak_rss_bytes"] / f["peak_rss_bytes"], 3),
+                    "peak_pss": round(b["peak_pss_bytes"] / f["peak_pss_bytes"], 3),
+                }
+                r = entry["ratio_bonsai_over_plain"]
+                print(f"  Bonsai / plain Flower: time {r['seconds_per_round']:.2f}, "
+                      f"RSS {r['peak_rss']:.2f}, PSS {r['peak_pss']:.2f} (target <= 1.10)",
+                      flush=True)
+            result["sizes"][str(n)] = entry
+            out.write_text(json.dumps(result, indent=2) + "\n")  # after every size
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

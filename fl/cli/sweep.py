@@ -1,0 +1,95 @@
+"""``bonsai sweep STUDY.yaml [--set KEY=VALUE ...] [--dry-run]``: run a study's cells one
+after another (each a Flower simulation on Ray), skipping finished ones."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import time
+
+from rich.console import Console
+
+from fl.cli.common import fail
+from fl.sweep import (
+    StudyError,
+    cell_status,
+    check_partitions,
+    expand,
+    load_study,
+    run_study,
+    stale_cells,
+    summarize_problems,
+    validate_cells,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a study (a grid of experiments), resumable")
+    p.add_argument("file", help="study YAML file, e.g. simulations/smoke_study.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an experiment key in every cell, e.g. --set rounds=2")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list every cell with its status (or config problem); run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-data-check", action="store_true",
+                   help="skip building every cell's partitions before running")
+    p.set_defaults(func=run)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        study = load_study(args.file, args.overrides)
+        cells = expand(study)
+    except StudyError as e:
+        return fail(e.problems)
+    configs, bad = validate_cells(cells)
+    if not args.no_data_check:
+        bad.update(check_partitions(configs))
+        configs = {cid: c for cid, c in configs.items() if cid not in bad}
+    stale = stale_cells(configs)
+    console = Console()
+    if args.dry_run:
+        console.print(f"{study.name}: {len(cells)} cells in {study.dir}", soft_wrap=True)
+        counts: dict[str, int] = {}
+        for i, cell in enumerate(cells, 1):
+            why = bad.get(cell.id) or stale.get(cell.id) or []
+            status = ("invalid" if cell.id in bad else "stale" if cell.id in stale
+                      else cell_status(study.dir / cell.dir_name))
+            counts[status] = counts.get(status, 0) + 1
+            console.print(f"{i:>4} {status:<8} {cell.id}" + (f"  {'; '.join(why)}" if why else ""),
+                          soft_wrap=True, markup=False, highlight=False)
+        console.print(", ".join(f"{n} {s}" for s, n in counts.items()), soft_wrap=True)
+        return 2 if bad or stale else 0
+    if bad:
+        return fail(summarize_problems(bad) + [
+            f"{len(bad)} of {len(cells)} cells are invalid; nothing was run "
+            f"(`bonsai sweep {args.file} --dry-run` lists every cell)"])
+    if stale:
+        return fail([f"cell {cid}: finished with another config ({'; '.join(d[:3])})"
+                     for cid, d in list(stale.items())[:5]] + [
+            f"{len(stale)} finished cell(s) differ from the study file; nothing was run: "
+            f"delete their folders in {study.dir} or give the study a new name"])
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    from fl.cli.run import run_simulation
+
+    console.print(f"study {study.name}: {len(cells)} cells -> {study.dir}", soft_wrap=True)
+    t0 = time.perf_counter()
+    try:
+        res = run_study(study, cells, configs, run_simulation, console, live=not args.quiet)
+    except KeyboardInterrupt:
+        return fail(f"interrupted; every process was stopped; finished cells are kept in "
+                    f"{study.dir}; rerun `bonsai sweep {args.file}` to continue", code=130)
+    console.print(
+        f"[bold]study {study.name}[/bold] in {time.perf_counter() - t0:.1f} s: ran "
+        f"{len(res.ran)}, skipped {len(res.skipped)} finished earlier, failed {len(res.failed)}",
+        soft_wrap=True)
+    console.print(f"results: {study.dir}\nreport: bonsai report {study.dir}", soft_wrap=True)
+    if res.failed:
+        return fail([f"cell {cid} failed: {why}" for cid, why in res.failed.items()]
+                    + ["rerun the same command to retry the failed cells"], code=1)
+    return 0

@@ -1,0 +1,203 @@
+"""`bonsai report` on a study folder written here by hand: numbers against
+hand-computed means and standard deviations, valid non-trivial PNGs, and bad
+input (missing folder, corrupt JSON) as one line, exit 2, nothing overwritten."""
+
+import csv
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from fl.cli import main
+from fl.config import build, to_json
+
+# accuracy per round 0..3; cum_bytes = 1e6 * round; strategy a also has cum_flops = 5e9 * round
+ACC = {
+    ("a", 0): [0.10, 0.50, 0.92, 0.95],  # reaches 0.9 at round 2
+    ("a", 1): [0.10, 0.60, 0.85, 0.90],  # round 3
+    ("a", 2): [0.10, 0.70, 0.91, 0.85],  # round 2
+    ("b", 0): [0.10, 0.50, 0.70, 0.80],  # b never reaches 0.9
+    ("b", 1): [0.10, 0.50, 0.60, 0.70],
+    ("b", 2): [0.10, 0.40, 0.50, 0.60],
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_cell(d: Path, strategy: str, seed: int, accs, finished=True):
+    d.mkdir(parents=True)
+    cfg = build({"seed": seed, "rounds": 3, "partition.kind": "iid", "partition.num_clients": 4,
+                 "strategy.name": "fedavg" if strategy == "a" else "fedprox",
+                 "run_dir": str(d)})
+    (d / "config.json").write_text(to_json(cfg) + "\n")
+    lines = []
+    for rnd, acc in enumerate(accs):
+        rec = {"round": rnd, "accuracy": acc, "loss": 1.0 - acc, "cum_bytes": 10**6 * rnd}
+        if strategy == "a":
+            rec["cum_flops"] = 5 * 10**9 * rnd
+        lines.append(json.dumps(rec))
+    (d / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        (d / "summary.json").write_text(json.dumps({
+            "rounds": len(accs) - 1, "final_accuracy": accs[-1], "best_accuracy": max(accs)}))
+
+
+@pytest.fixture
+def study_dir(tmp_path):
+    root = tmp_path / "studies" / "fixture"
+    cells = []
+    for (strategy, seed), accs in ACC.items():
+        cid = f"strategy={strategy},partition=iid,seed={seed}"
+        dname = cid.replace(",", "__")
+        write_cell(root / dname, strategy, seed, accs)
+        cells.append({"id": cid, "dir": dname,
+                      "choices": {"strategy": strategy, "partition": "iid", "seed": str(seed)}})
+    # an interrupted cell: rounds but no summary; left out and noted
+    cid = "strategy=a,partition=iid,seed=3"
+    write_cell(root / cid.replace(",", "__"), "a", 3, [0.1, 0.99], finished=False)
+    cells.append({"id": cid, "dir": cid.replace(",", "__"),
+                  "choices": {"strategy": "a", "partition": "iid", "seed": "3"}})
+    (root / "study.json").write_text(json.dumps({
+        "name": "fixture", "axes": {"strategy": ["a", "b"], "partition": ["iid"],
+                                    "seed": ["0", "1", "2", "3"]},
+        "seed_axis": "seed", "cells": cells}))
+    return root
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path.name} is not a PNG"
+    return struct.unpack(">II", data[16:24])  # IHDR width, height
+
+
+def test_table_numbers_match_hand_computed_means_and_stds(study_dir, capsys):
+    assert main(["report", str(study_dir)]) == 0
+    out = study_dir / "report"
+    rows = {r["strategy"]: r for r in read_csv(out / "table.csv")}
+    a, b = rows["a"], rows["b"]
+    assert a["seeds"] == "3" and a["reached_target"] == "3"
+    # final: 0.95, 0.90, 0.85 -> mean 0.90, sample std 0.05
+    assert float(a["final_accuracy_mean"]) == pytest.approx(0.90)
+    assert float(a["final_accuracy_std"]) == pytest.approx(0.05)
+    # best: 0.95, 0.90, 0.91 -> mean 0.92, std sqrt(0.0014 / 2)
+    assert float(a["best_accuracy_mean"]) == pytest.approx(0.92)
+    assert float(a["best_accuracy_std"]) == pytest.approx(0.0007 ** 0.5)
+    # rounds to 90%: 2, 3, 2 -> mean 7/3, std sqrt(1/3)
+    assert float(a["rounds_to_target_mean"]) == pytest.approx(7 / 3)
+    assert float(a["rounds_to_target_std"]) == pytest.approx((1 / 3) ** 0.5)
+    assert float(a["bytes_to_target_mean"]) == pytest.approx(7e6 / 3)
+    assert float(a["flops_to_target_mean"]) == pytest.approx(35e9 / 3)
+    assert float(a["flops_to_target_std"]) == pytest.approx(5e9 * (1 / 3) ** 0.5)
+    # b: never reaches 90%; no FLOPs recorded -> empty cells
+    assert b["reached_target"] == "0"
+    assert float(b["final_accuracy_mean"]) == pytest.approx(0.70)
+    assert float(b["final_accuracy_std"]) == pytest.approx(0.10)
+    assert b["rounds_to_target_mean"] == b["bytes_to_target_mean"] == ""
+    assert b["flops_to_target_mean"] == ""
+    md = (out / "table.md").read_text().splitlines()
+    assert md[0] == ("| strategy | partition | seeds | final acc. (%) | best acc. (%) | "
+                     "reached 90% | rounds to 90% | MB to 90% | GFLOP to 90% |")
+    assert md[2] == ("| a | iid | 3 | 90.00 ± 5.00 | 92.00 ± 2.65 | 3/3 | 2.3 ± 0.6 | "
+                     "2.3 ± 0.6 | 11.67 ± 2.89 |")
+    assert md[3] == "| b | iid | 3 | 70.00 ± 10.00 | 70.00 ± 10.00 | 0/3 | — | — | — |"
+    cells = read_csv(out / "cells.csv")
+    assert len(cells) == 6  # the unfinished cell is left out ...
+    printed = capsys.readouterr().out
+    assert "1 cell(s) not finished" in printed  # ... and said so
+    assert "strategy=a,partition=iid,seed=3" in (out / "report.md").read_text()
+
+
+def test_target_option_changes_what_counts_as_reached(study_dir):
+    assert main(["report", str(study_dir), "--target", "0.7", "--no-heatmaps"]) == 0
+    rows = {r["strategy"]: r for r in read_csv(study_dir / "report" / "table.csv")}
+    # a: 0.7 first reached at rounds 2, 2, 1; b: rounds 2, 3, never
+    assert rows["a"]["reached_target"] == "3"
+    assert float(rows["a"]["rounds_to_target_mean"]) == pytest.approx(5 / 3)
+    assert rows["b"]["reached_target"] == "2"
+    assert float(rows["b"]["rounds_to_target_mean"]) == pytest.approx(2.5)
+
+
+def test_plots_are_valid_non_trivial_pngs(study_dir):
+    assert main(["report", str(study_dir)]) == 0
+    out = study_dir / "report"
+    expected = ["accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_vs_flops.png",
+                "labels__partition=iid.png"]
+    for name in expected:
+        path = out / name
+        assert path.is_file(), name
+        assert path.stat().st_size > 10_000, name
+        w, h = png_size(path)
+        assert w >= 400 and h >= 300, (name, w, h)
+    report = (out / "report.md").read_text()
+    assert all(f"({name})" in report for name in expected)
+
+
+def test_flops_plot_skipped_when_no_record_has_flops(tmp_path, study_dir):
+    for d in study_dir.iterdir():
+        if d.name.startswith("strategy=a"):
+            recs = [json.loads(x) for x in (d / "rounds.jsonl").read_text().splitlines()]
+            (d / "rounds.jsonl").write_text("".join(
+                json.dumps({k: v for k, v in r.items() if k != "cum_flops"}) + "\n"
+                for r in recs))
+    assert main(["report", str(study_dir), "--no-heatmaps"]) == 0
+    assert not (study_dir / "report" / "accuracy_vs_flops.png").exists()
+    assert "no round record has `cum_flops`" in (study_dir / "report" / "report.md").read_text()
+
+
+# --- bad input ------------------------------------------------------------------------
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("bonsai: error: ")
+    return err[0]
+
+
+def test_missing_or_empty_study_dir_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in one_error_line(capsys)
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "study.json: missing" in one_error_line(capsys)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_no_finished_cell_exit_2(study_dir, capsys):
+    for summary in study_dir.glob("*/summary.json"):
+        summary.unlink()
+    assert main(["report", str(study_dir)]) == 2
+    assert "no finished cells" in one_error_line(capsys)
+    assert not (study_dir / "report").exists()
+
+
+@pytest.mark.parametrize("target, content, message", [
+    ("strategy=a__partition=iid__seed=1/summary.json", '{"final_accuracy": 0.9',
+     "summary.json: not valid JSON"),
+    ("strategy=b__partition=iid__seed=0/config.json", "", "config.json: not valid JSON"),
+    ("strategy=b__partition=iid__seed=2/rounds.jsonl", '{"round": 0, "accuracy": 0.1}\n{"rou\n'
+     '{"round": 2, "accuracy": 0.5}\n', "rounds.jsonl: line 2 is not valid JSON"),
+    ("study.json", "[1, 2", "study.json: not valid JSON"),
+])
+def test_corrupt_json_exit_2_and_nothing_overwritten(study_dir, capsys, target, content,
+                                                     message):
+    assert main(["report", str(study_dir)]) == 0
+    capsys.readouterr()
+    out = study_dir / "report"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    (study_dir / target).write_text(content)
+    assert main(["report", str(study_dir)]) == 2
+    line = one_error_line(capsys)
+    assert message in line and str(study_dir) in line
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    assert after == before
+
+
+def test_target_out_of_range_is_a_usage_error(study_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(study_dir), "--target", "1.5"])
+    assert e.value.code == 2
+    assert "--target: got 1.5; expected an accuracy in (0, 1]" in capsys.readouterr().err
