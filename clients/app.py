@@ -16,10 +16,12 @@ reuses worker processes across simulated clients.
 
 from __future__ import annotations
 
+import json
+import math
 from functools import lru_cache
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.edge import measured, node_profile
@@ -27,6 +29,7 @@ from fl import contract as k
 from fl import wire
 from fl.config import ExperimentConfig, from_flat
 from fl.data import NodeData, node_data
+from fl.kernels import pack_bits, unpack_bits
 from fl.models import build_model
 from fl.pruning import (
     count_flops,
@@ -107,6 +110,28 @@ def train_handler(msg: Message, context: Context) -> Message:
 _MASK_STATE, _MASK_META = "bonsai-mask", "bonsai-mask-meta"
 
 
+def _keep_masks(context: Context, masks: dict[str, torch.Tensor], version: int,
+                structure: str) -> None:
+    """Store the node's mask as 1-bit bitmaps (fl.kernels.pack_bits): simulated nodes'
+    states live in one process, so 1000 clients hold 1000 of them."""
+    context.state[_MASK_STATE] = ArrayRecord(
+        {n: Array(pack_bits(m.reshape(-1)).numpy()) for n, m in masks.items()})
+    shapes = json.dumps({n: list(m.shape) for n, m in masks.items()})
+    context.state[_MASK_META] = ConfigRecord({"version": version, "structure": structure,
+                                              "shapes": shapes})
+
+
+def _held_masks(context: Context, version: int) -> dict[str, torch.Tensor] | None:
+    """The mask this node holds, when it is the version the server names."""
+    meta = context.state.get(_MASK_META)
+    if meta is None or int(meta["version"]) != version or _MASK_STATE not in context.state:
+        return None
+    shapes = json.loads(str(meta["shapes"]))
+    bits = context.state[_MASK_STATE]
+    return {n: unpack_bits(torch.from_numpy(bits[n].numpy()), math.prod(shape)).reshape(shape)
+            for n, shape in shapes.items()}
+
+
 def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
                  input_shape: tuple[int, ...], num_classes: int
                  ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
@@ -119,15 +144,12 @@ def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
     conf: ConfigRecord = msg.content[k.CONFIG]
     version = int(conf.get(k.MASK_VERSION, 0))
     meta = context.state.get(_MASK_META)
-    held = None
-    if meta is not None and int(meta["version"]) == version and _MASK_STATE in context.state:
-        held, _ = wire.decode(wire.from_record(context.state[_MASK_STATE]))
+    held = _held_masks(context, version)
     state, masks = wire.decode(wire.from_record(msg.content[k.PAYLOAD]), known_masks=held,
                                known_mask_version=version if held is not None else None)
     structure = conf.get(k.STRUCTURE, meta["structure"] if meta is not None else "")
     if masks or k.STRUCTURE in conf:
-        context.state[_MASK_STATE] = wire.to_record(wire.encode(masks))
-        context.state[_MASK_META] = ConfigRecord({"version": version, "structure": structure})
+        _keep_masks(context, masks, version, str(structure))
     masks = masks or held or {}
     model = (shrink_model(cfg.model, input_shape, num_classes, structure_from_json(structure))
              if structure else build_model(cfg.model, input_shape, num_classes))
