@@ -165,11 +165,21 @@ def cell_row(cell: CellData, target: float) -> dict[str, Any]:
         "flops_to_target": hit.get("cum_flops") if hit else None,
         "total_bytes": cell.rounds[-1].get("cum_bytes"),
         "total_flops": cell.rounds[-1].get("cum_flops"),
+        **_last_decomposition(cell.rounds),
     }
 
 
+DECOMPOSITION = ["loss_local", "loss_shift", "loss_aggregation", "loss_global"]
+
+
+def _last_decomposition(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The loss-decomposition terms of the last round that measured them (or None)."""
+    last = next((r for r in reversed(rounds) if "loss_global" in r), None)
+    return {k: (last[k] if last else None) for k in DECOMPOSITION}
+
+
 METRICS = ["final_accuracy", "best_accuracy", "rounds_to_target", "bytes_to_target",
-           "flops_to_target"]
+           "flops_to_target", "total_bytes", "total_flops", *DECOMPOSITION]
 
 
 def aggregate(study: StudyData, target: float) -> list[dict[str, Any]]:
@@ -231,6 +241,76 @@ def markdown_table(study: StudyData, rows: list[dict[str, Any]], target: float) 
                  _pm(r["bytes_to_target_mean"], r["bytes_to_target_std"], bscale, 1),
                  _pm(r["flops_to_target_mean"], r["flops_to_target_std"], fscale, 2)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def savings_rows(study: StudyData, rows: list[dict[str, Any]], axis: str, baseline: str
+                 ) -> list[dict[str, Any]]:
+    """Each row against the ``axis=baseline`` row with the same other choices: accuracy
+    difference (points) and the saving of total client training FLOPs and total bytes
+    (exploration and masks included), as fractions: 1 - mean(row) / mean(baseline)."""
+    others = [a for a in study.group_axes if a != axis]
+    base = {tuple(r[a] for a in others): r for r in rows if r.get(axis) == baseline}
+    out = []
+    for r in rows:
+        b = base.get(tuple(r[a] for a in others))
+        if b is None or r.get(axis) == baseline:
+            continue
+
+        def saving(key: str, r=r, b=b) -> float | None:
+            mine, theirs = r[f"{key}_mean"], b[f"{key}_mean"]
+            return None if not mine or not theirs else 1.0 - mine / theirs
+
+        out.append({**{a: r[a] for a in study.group_axes},
+                    "final_accuracy": r["final_accuracy_mean"],
+                    "baseline_accuracy": b["final_accuracy_mean"],
+                    "accuracy_delta_points": None if r["final_accuracy_mean"] is None else
+                    100 * (r["final_accuracy_mean"] - b["final_accuracy_mean"]),
+                    "flops_saving": saving("total_flops"), "bytes_saving": saving("total_bytes")})
+    return out
+
+
+def savings_markdown(study: StudyData, rows: list[dict[str, Any]], axis: str,
+                     baseline: str) -> str:
+    """The savings table, then the mean over the other axes for each ``axis`` choice."""
+    axes = study.group_axes
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    pts = lambda v: "—" if v is None else f"{v:+.2f}"  # noqa: E731
+    head = [*axes, "final acc. (%)", f"{baseline} acc. (%)", "Δ acc. (points)",
+            "FLOPs saved", "bytes saved"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(axes) + "---:|" * 5]
+    for r in rows:
+        lines.append("| " + " | ".join([*(str(r[a]) for a in axes),
+                                        f"{100 * r['final_accuracy']:.2f}",
+                                        f"{100 * r['baseline_accuracy']:.2f}",
+                                        pts(r["accuracy_delta_points"]),
+                                        pct(r["flops_saving"]), pct(r["bytes_saving"])]) + " |")
+    lines += ["", f"Mean over the other axes, against {axis}={baseline}:", "",
+              f"| {axis} | settings | Δ acc. (points) | FLOPs saved | bytes saved |",
+              "|---|---:|---:|---:|---:|"]
+    for choice in dict.fromkeys(r[axis] for r in rows):
+        mine = [r for r in rows if r[axis] == choice]
+
+        def avg(key: str, mine=mine) -> float | None:
+            vals = [r[key] for r in mine if r[key] is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        lines.append(f"| {choice} | {len(mine)} | {pts(avg('accuracy_delta_points'))} | "
+                     f"{pct(avg('flops_saving'))} | {pct(avg('bytes_saving'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def decomposition_markdown(study: StudyData, rows: list[dict[str, Any]]) -> str | None:
+    """Mean loss-decomposition terms per group (last measured round), when measured."""
+    if not any(r.get("loss_global_mean") is not None for r in rows):
+        return None
+    axes = study.group_axes
+    head = [*axes, "local", "distribution shift", "aggregation", "global"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(axes) + "---:|" * 4]
+    for r in rows:
+        lines.append("| " + " | ".join([*(str(r[a]) for a in axes),
+                                        *(_pm(r[f"{k}_mean"], r[f"{k}_std"], 1.0, 4)
+                                          for k in DECOMPOSITION)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -424,7 +504,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_report(study: StudyData, out: Path, target: float = 0.9,
                  line_axis: str | None = "strategy", panel_axis: str | None = "partition",
-                 heatmaps: bool = True) -> dict[str, Any]:
+                 heatmaps: bool = True, baseline: tuple[str, str] | None = None
+                 ) -> dict[str, Any]:
     """Write tables, figures and report.md to ``out``; return what was written."""
     line_axis = line_axis if line_axis in study.group_axes else (
         study.group_axes[0] if study.group_axes else None)
@@ -437,6 +518,13 @@ def write_report(study: StudyData, out: Path, target: float = 0.9,
     _atomic_write(out / "table.md", table)
     _atomic_write(out / "table.csv", _csv(rows))
     _atomic_write(out / "cells.csv", _csv(cell_rows))
+    savings_md = None
+    if baseline is not None:
+        saved = savings_rows(study, rows, *baseline)
+        savings_md = savings_markdown(study, saved, *baseline)
+        _atomic_write(out / "savings.md", savings_md)
+        _atomic_write(out / "savings.csv", _csv(saved))
+    decomposition_md = decomposition_markdown(study, rows)
     curves, notes = plot_curves(study, out, line_axis, panel_axis)
     maps: list[Path] = []
     if heatmaps:
@@ -452,6 +540,12 @@ def write_report(study: StudyData, out: Path, target: float = 0.9,
           + (f", mean ± sample std over `{study.seed_axis}`" if study.seed_axis else "")
           + f". Target accuracy: {100 * target:g}% (rounds, bytes and FLOPs to target are "
           "over the seeds that reach it).", "", table]
+    if savings_md:
+        md += ["", f"## Against {baseline[0]}={baseline[1]}", "",  # type: ignore[index]
+               "Total client training FLOPs and total bytes include exploration and masks.",
+               "", savings_md]
+    if decomposition_md:
+        md += ["", "## Loss decomposition (last measured round)", "", decomposition_md]
     if notes:
         md += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     md += ["", "## Accuracy curves", ""] + [f"![{p.stem}]({p.name})\n" for p in curves]
@@ -459,4 +553,5 @@ def write_report(study: StudyData, out: Path, target: float = 0.9,
         md += ["", "## Label distribution of each partition", ""] + [
             f"![{p.stem}]({p.name})\n" for p in maps]
     _atomic_write(out / "report.md", "\n".join(md) + "\n")
-    return {"out": out, "rows": rows, "curves": curves, "heatmaps": maps, "notes": notes}
+    return {"out": out, "rows": rows, "curves": curves, "heatmaps": maps, "notes": notes,
+            "savings": savings_md}

@@ -201,3 +201,25 @@ def test_target_out_of_range_is_a_usage_error(study_dir, capsys):
         main(["report", str(study_dir), "--target", "1.5"])
     assert e.value.code == 2
     assert "--target: got 1.5; expected an accuracy in (0, 1]" in capsys.readouterr().err
+
+
+def test_baseline_savings_against_hand_computed_totals(study_dir, capsys):
+    from fl.cli import main
+
+    for seed in (0, 1, 2):  # strategy b moves half the bytes of a
+        path = study_dir / f"strategy=b__partition=iid__seed={seed}" / "rounds.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in recs:
+            r["cum_bytes"] = r["cum_bytes"] // 2
+        path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert main(["report", str(study_dir), "--baseline", "strategy=a", "--no-heatmaps"]) == 0
+    (row,) = read_csv(study_dir / "report" / "savings.csv")
+    final_a = sum(ACC[("a", s)][-1] for s in (0, 1, 2)) / 3
+    final_b = (0.80 + 0.70 + 0.60) / 3
+    assert row["strategy"] == "b"
+    assert float(row["bytes_saving"]) == pytest.approx(0.5)
+    assert row["flops_saving"] == ""  # b records no FLOPs: no claim
+    assert float(row["accuracy_delta_points"]) == pytest.approx(100 * (final_b - final_a))
+    assert "bytes saved" in (study_dir / "report" / "report.md").read_text()
+    assert main(["report", str(study_dir), "--baseline", "strategy=zzz"]) == 2
+    assert "allowed: strategy=a, strategy=b" in capsys.readouterr().err

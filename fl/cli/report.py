@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--panels", default="partition",
                    help="axis drawn as one panel per choice (default partition)")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the label heatmaps")
+    p.add_argument("--baseline", default=None, metavar="AXIS=CHOICE",
+                   help="also tabulate accuracy and FLOP/byte savings against this cell "
+                        "choice, e.g. strategy=fedavg")
     p.set_defaults(func=run)
 
 
@@ -40,12 +43,21 @@ def run(args: argparse.Namespace) -> int:
         study = load_study_dir(args.study_dir)
     except ReportError as e:
         return fail(str(e))
+    baseline = None
+    if args.baseline:
+        axis, _, choice = args.baseline.partition("=")
+        if axis not in study.group_axes or choice not in study.axes.get(axis, []):
+            allowed = ", ".join(f"{a}={c}" for a in study.group_axes for c in study.axes[a])
+            return fail(f"--baseline: got {args.baseline!r}; allowed: {allowed}")
+        baseline = (axis, choice)
     out = Path(args.out) if args.out else study.dir / "report"
     if out.exists() and not out.is_dir():
         return fail(f"--out: {str(out)!r} exists and is not a folder")
     res = write_report(study, out, args.target, args.lines, args.panels,
-                       heatmaps=not args.no_heatmaps)
+                       heatmaps=not args.no_heatmaps, baseline=baseline)
     print(open(out / "table.md").read(), end="")
+    if res["savings"]:
+        print(f"\nagainst {args.baseline}:\n{res['savings']}", end="")
     for note in res["notes"]:
         print(f"note: {note}")
     print(f"\n{len(study.cells)} cells, {len(res['rows'])} rows; wrote {out}/: table.md, "
