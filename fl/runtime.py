@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +118,24 @@ def terminate_tree(root: int, grace: float = 5.0, marker: str | None = None) -> 
     """SIGTERM ``root``, its descendants and the processes carrying ``marker``; SIGKILL
     whatever is still alive after ``grace`` seconds, rescanning until none is left
     (Ray's raylet restarts its agents while it shuts down)."""
+    terminate_trees([root], grace, marker)
+
+
+def terminate_trees(roots: Sequence[int], grace: float = 5.0, marker: str | None = None) -> None:
+    """:func:`terminate_tree` for several trees together: one grace period for
+    all of them instead of one per process. A root that already exited still has its
+    session searched (its children were started in it)."""
 
     def members() -> set[int]:
-        found = {root, *descendants(root)}
+        found: set[int] = set()
+        for root in roots:
+            found.add(root)
+            found.update(descendants(root))
         if marker:
             found.update(marked(marker))
+        # children of an exited root: re-parented, but still in the root's session
+        found.update(pid for pid, (_, sid) in _proc_table().items() if sid in set(roots))
+        found.discard(os.getpid())
         return {p for p in found if _alive(p)}
 
     def send(pids: set[int], sig: int) -> None:

@@ -16,8 +16,6 @@ Flower 1.42 facts this relies on (docs/ARCHITECTURE.md, Deployment):
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import ssl
 import subprocess
@@ -27,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl.runtime import _alive, _bin, _toml_value, descendants, marked, terminate_tree
+from fl.runtime import _bin, _toml_value, terminate_tree, terminate_trees
 
 __all__ = [
     "REFUSED_EXIT_CODE",
@@ -275,7 +273,7 @@ class Processes:
     def close(self, grace: float = 5.0) -> None:
         """End every process and all they spawned at once (SIGTERM, then SIGKILL after
         ``grace`` s), plus any straggler that carries the marker."""
-        terminate_all([p.pid for p in self.procs.values()], grace, self.marker)
+        terminate_trees([p.pid for p in self.procs.values()], grace, self.marker)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=10)
@@ -284,50 +282,3 @@ class Processes:
                 proc.wait(timeout=5)
 
 
-def terminate_all(roots: Sequence[int], grace: float = 5.0, marker: str | None = None) -> None:
-    """:func:`fl.runtime.terminate_tree` for several trees together: one grace period for
-    all of them instead of one per process. A root that already exited still has its
-    session searched (its children were started in it)."""
-
-    def members() -> set[int]:
-        found: set[int] = set()
-        for root in roots:
-            found.add(root)
-            found.update(descendants(root))
-        if marker:
-            found.update(marked(marker))
-        # children of an exited root: re-parented, but still in the root's session
-        found.update(pid for pid, sid in _sessions().items() if sid in set(roots))
-        found.discard(os.getpid())
-        return {p for p in found if _alive(p)}
-
-    def send(pids: set[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    termed: set[int] = set()
-    deadline = time.monotonic() + grace
-    while (alive := members()) and time.monotonic() < deadline:
-        send(alive - termed, signal.SIGTERM)
-        termed |= alive
-        time.sleep(0.1)
-    deadline = time.monotonic() + 10.0
-    while (alive := members()) and time.monotonic() < deadline:
-        send(alive, signal.SIGKILL)
-        time.sleep(0.1)
-
-
-def _sessions() -> dict[int, int]:
-    """pid -> session id of every readable process."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            out[int(entry)] = int(stat[stat.rindex(")") + 2:].split()[3])
-    return out
