@@ -221,3 +221,18 @@ def test_pruning_baselines_tighten_nested_masks():
                     assert not bool((m & ~previous[n]).any()), (name, rnd, n)
             previous = current
         assert s.density() < 0.2
+
+
+def test_pruned_fedld_aggregates_kept_entries_with_the_principal_gradient():
+    """AutoFLIP's mask around FedLD's rule: rounds run, pruned entries stay zero."""
+    _, s, contexts = experiment("strategy.name=autoflip", "strategy.aggregation=fedld",
+                                "pruning.mask_every=1", "pruning.schedule_rounds=2")
+    grid = LoopbackGrid(contexts)
+    s.prepare(grid, timeout=60)
+    for rnd in (1, 2, 3):
+        _, replies, arrays = one_round(s, grid, rnd)
+        assert arrays is not None and all(not r.has_error() for r in replies)
+    theta = arrays.to_torch_state_dict()
+    for name, mask in s.masks.items():
+        assert torch.count_nonzero(theta[name][~mask]) == 0, name
+    assert all(torch.isfinite(t).all() for t in theta.values())
