@@ -123,15 +123,14 @@ class SparseStrategy(Population, Strategy):
                              if small_masks else None),
         }
 
-    def _payloads(self) -> tuple[bytes, bytes]:
-        """(with the mask, against the mask the node already holds) for the current theta."""
+    def _payload(self, send_mask: bool) -> bytes:
+        """The current small model on the wire: with the mask, or against the mask the
+        node already holds (the same bytes when nothing is masked)."""
         small = (shrink_state(self.theta, self.groups, self.structure) if self.groups
                  else self.theta)
-        masks = self._view["small_masks"] or None
-        kw = dict(masks=masks, mask_version=self.mask_version, quantize=self.quantize)
-        with_mask = wire.encode(small, send_mask=True, **kw)
-        without = wire.encode(small, send_mask=False, **kw) if masks else with_mask
-        return with_mask, without
+        return wire.encode(small, masks=self._view["small_masks"] or None,
+                           mask_version=self.mask_version, send_mask=send_mask,
+                           quantize=self.quantize)
 
     def _recompute_mask(self, server_round: int) -> None:
         assert self.policy is not None
@@ -163,7 +162,7 @@ class SparseStrategy(Population, Strategy):
         if not (isinstance(self.policy, AutoFLIPPolicy) and self.policy.guidance is None):
             return {}
         nodes = self._sample_explorers()
-        payload, _ = self._payloads()
+        payload = self._payload(send_mask=True)
         config = ConfigRecord({k.PHASE: k.PHASE_EXPLORE, k.LOCAL_EPOCHS: self.explore_epochs,
                                k.SERVER_ROUND: 0})
         content = RecordDict({k.PAYLOAD: wire.to_record(payload), k.CONFIG: config})
@@ -202,16 +201,17 @@ class SparseStrategy(Population, Strategy):
         if self.policy is not None and self.policy.due(server_round):
             self._recompute_mask(server_round)
         nodes = self.sample(server_round)
-        with_mask, against = self._payloads()
+        # encode only the variants this round's nodes need (usually one)
+        needed = {self.node_version.get(n) != self.mask_version for n in nodes}
         records = {}
-        for fresh in (True, False):
+        for fresh in needed:
             conf = ConfigRecord({**dict(config), k.SERVER_ROUND: server_round,
                                  k.PHASE: k.PHASE_TRAIN, k.MASK_VERSION: self.mask_version,
                                  k.PROXIMAL_MU: self.proximal_mu})
             if fresh and self.groups:
                 conf[k.STRUCTURE] = structure_to_json(self.structure)
             records[fresh] = RecordDict({
-                k.PAYLOAD: wire.to_record(with_mask if fresh else against), k.CONFIG: conf})
+                k.PAYLOAD: wire.to_record(self._payload(send_mask=fresh)), k.CONFIG: conf})
         msgs = []
         for n in nodes:
             fresh = self.node_version.get(n) != self.mask_version
