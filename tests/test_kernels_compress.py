@@ -8,8 +8,10 @@ fuses with FMA on CPU, the interpreter does not).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from hypothesis import strategies as st
 
 import fl.kernels as K
 from fl.kernels.testing import assert_close, assert_exact
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = [1, 1023, 1025]
 BIG = 1_000_003  # 1M + 3: only for the cheap streaming kernels
@@ -371,6 +375,26 @@ def test_import_without_triton() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "raised" in out.stdout
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch build")
+def test_triton_not_imported_where_it_cannot_run() -> None:
+    """CPU-only torch without the interpreter: Triton stays out of the process (about
+    70 MB per simulated-client actor), the reference kernels run, and forcing
+    ``backend='triton'`` says why it cannot."""
+    code = (
+        "import sys, torch\n"
+        "import fl.kernels as K, clients.app, server.app\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "assert K.pack_bits(torch.ones(3, dtype=torch.bool)).tolist() == [7]\n"
+        "try:\n    K.pack_bits(torch.ones(3, dtype=torch.bool), backend='triton')\n"
+        "except RuntimeError as e:\n    print('raised', e)\n"
+    )
+    env = {kk: v for kk, v in os.environ.items() if kk != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "raised" in out.stdout and "TRITON_INTERPRET" in out.stdout
 
 
 def test_segment_minmax_many_segments_path() -> None:

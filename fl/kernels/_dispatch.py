@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from fl.kernels._triton import HAS_TRITON
+from fl.kernels._triton import HAS_TRITON, TRITON_SKIPPED
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -36,7 +36,8 @@ def use_triton(backend: str, device: torch.device) -> bool:
         return False
     if backend == "triton":
         if not HAS_TRITON:
-            raise RuntimeError("backend='triton' requested but Triton is not importable")
+            why = TRITON_SKIPPED or "Triton is not importable"
+            raise RuntimeError(f"backend='triton' requested but {why}")
         if device.type != "cuda" and not _interpreting():
             raise RuntimeError(
                 f"backend='triton' on {device.type} tensors needs TRITON_INTERPRET=1 "
@@ -47,7 +48,8 @@ def use_triton(backend: str, device: torch.device) -> bool:
         return True
     if not _logged_fallback:
         _logged_fallback = True
-        why = "Triton is not installed" if device.type == "cuda" else f"{device.type} tensors"
+        why = (TRITON_SKIPPED or "Triton is not importable") if device.type == "cuda" \
+            else f"{device.type} tensors"
         _log.info("fl.kernels: using the PyTorch reference kernels (%s)", why)
     return False
 

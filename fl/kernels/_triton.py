@@ -1,22 +1,49 @@
-"""Optional Triton import: ``import fl.kernels`` must work where Triton is absent.
+"""Triton, imported only where a kernel can run: ``import fl.kernels`` works anywhere.
 
-Where Triton is missing (edge devices, macOS, Windows) ``triton.jit`` becomes
-a no-op decorator and ``tl`` a stand-in, so the kernel modules still import;
-dispatch never launches a kernel then (``backend="triton"`` raises).
+Triton kernels run on CUDA/ROCm tensors, or on CPU tensors under the
+interpreter (``TRITON_INTERPRET=1``, the tests). On a CPU-only build of torch
+(this machine, edge devices) neither can happen, so Triton is not imported
+there: it would cost every process about 70 MB of resident memory (every Ray
+actor of a simulation) for kernels that are never launched. The same holds
+where Triton is not installed (macOS, Windows).
+
+Without Triton, ``triton.jit`` is a no-op decorator and ``tl`` a stand-in, so
+the kernel modules still import; dispatch never launches a kernel then
+(``backend="triton"`` raises and says why).
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 from typing import Any
 
-try:  # pragma: no branch
-    import triton
-    import triton.language as tl
+import torch
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where Triton is absent
+
+def triton_can_run() -> bool:
+    """True where a Triton kernel could be launched: a GPU build of torch, or the
+    interpreter. Reads no device (no CUDA initialisation at import)."""
+    gpu_build = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+    return gpu_build or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+TRITON_SKIPPED = ""  #: why Triton was not imported ("" when it was)
+if triton_can_run():
+    try:  # pragma: no branch
+        import triton
+        import triton.language as tl
+
+        HAS_TRITON = True
+    except ImportError:  # pragma: no cover - exercised only where Triton is absent
+        HAS_TRITON = False
+        TRITON_SKIPPED = "Triton is not importable"
+else:
     HAS_TRITON = False
+    TRITON_SKIPPED = ("Triton was not imported: torch is a CPU-only build and "
+                      "TRITON_INTERPRET is not 1")
+
+if not HAS_TRITON:
 
     def _jit(fn: Any = None, **_: Any) -> Any:
         return fn if fn is not None else (lambda f: f)
@@ -24,4 +51,4 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
     triton = SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b))  # type: ignore[assignment]
     tl = SimpleNamespace(constexpr=Any)  # type: ignore[assignment]
 
-__all__ = ["HAS_TRITON", "triton", "tl"]
+__all__ = ["HAS_TRITON", "TRITON_SKIPPED", "triton", "tl", "triton_can_run"]
