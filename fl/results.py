@@ -20,6 +20,9 @@ ROUNDS_JSONL = "rounds.jsonl"
 ROUNDS_CSV = "rounds.csv"
 SUMMARY_JSON = "summary.json"
 CONFIG_JSON = "config.json"
+#: written by ``bonsai run`` into the results folder before it stops the run's
+#: processes: the server records no round after it (server/rounds.py)
+STOPPING = "STOPPING"
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -3,6 +3,7 @@ the strategy's rounds with centralized evaluation, write the results folder."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from fl.checkpoint import load as load_checkpoint
 from fl.config import ExperimentConfig, from_flat, to_json
 from fl.data import load_test
 from fl.models import build_model
-from fl.results import RunRecorder
+from fl.results import STOPPING, RunRecorder
 from fl.train import evaluate, pick_device
 from server.guard import NodeGuard
 from server.population import discover
@@ -35,8 +36,27 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir).resolve() / f"{cfg.name}-{stamp}"
 
 
-def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
-    """Run one experiment on ``grid`` and return its summary."""
+def stop_flag() -> threading.Event:
+    """An event set once Flower starts shutting this process down (its SIGINT/SIGTERM
+    handler runs the exit handlers while the ServerApp's thread goes on)."""
+    event = threading.Event()
+    try:
+        from flwr.supercore.exit import add_exit_handler
+    except ImportError:  # pragma: no cover - an older or newer Flower layout
+        return event
+    add_exit_handler(event.set, run_before_force_exit=True)
+    return event
+
+
+def run_experiment(grid: Grid, cfg: ExperimentConfig,
+                   stop: threading.Event | None = None) -> dict:
+    """Run one experiment on ``grid`` and return its summary.
+
+    The round loop stops without recording the open round once ``stop`` is set or
+    ``bonsai run`` has written STOPPING into the results folder (it does so before
+    it ends the run's processes, Ctrl-C included): that round's clients were
+    stopped with it, so its failed replies must not become the checkpoint.
+    """
     t0 = time.perf_counter()
     recorder = RunRecorder(run_dir_for(cfg))
     config_json = to_json(cfg)
@@ -65,7 +85,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
                        train_config, evaluate_fn, recorder, cfg.strategy.round_timeout,
                        decompose_every=cfg.diagnostics.decomposition_every,
-                       resume_from=resume_from, config_json=config_json)
+                       resume_from=resume_from, config_json=config_json,
+                       stopping=lambda: (stop is not None and stop.is_set())
+                       or (recorder.dir / STOPPING).exists())
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     if hasattr(strategy, "structure_json") and getattr(strategy, "groups", None):
         (recorder.dir / "structure.json").write_text(strategy.structure_json() + "\n")
@@ -78,4 +100,4 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls: the experiment config is the run config."""
-    run_experiment(grid, from_flat(context.run_config))
+    run_experiment(grid, from_flat(context.run_config), stop=stop_flag())

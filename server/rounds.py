@@ -27,6 +27,10 @@ from server.diagnostics import decompose_round
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 
 
+class RunStopped(RuntimeError):
+    """The process is shutting down (Ctrl-C, a kill): the round in progress is dropped."""
+
+
 def _bytes(messages: Iterable[Message]) -> int:
     """Serialised size of the messages' contents: what travels on the wire."""
     seen: dict[int, int] = {}
@@ -53,9 +57,16 @@ def run_rounds(
     decompose_every: int = 0,
     resume_from: Checkpoint | None = None,
     config_json: str = "",
+    stopping: Callable[[], bool] = lambda: False,
 ) -> ArrayRecord:
     """Run rounds up to ``num_rounds`` and record and checkpoint each; return the final
-    global arrays. With ``resume_from``, continue after its round with its state."""
+    global arrays. With ``resume_from``, continue after its round with its state.
+
+    ``stopping()`` turns true when the process is being shut down. A round that
+    is still open then is neither recorded nor checkpointed (RunStopped is
+    raised): the clients are stopped with the server, so its failed replies are
+    the shutdown's, and a resumed run must redo that round, not inherit it.
+    """
     t0 = time.perf_counter()
     # what plain FedAvg would move per message: the dense model (for "bytes_saved")
     dense_msg = message_nbytes(RecordDict({k.ARRAYS: arrays}))
@@ -81,6 +92,8 @@ def run_rounds(
                             "clients": explored.get("explorers", 0), "failures": 0})
         start = 1
     for rnd in range(start, num_rounds + 1):
+        if stopping():
+            raise RunStopped(f"stopped before round {rnd}")
         t = time.perf_counter()
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         down = _bytes(msgs)
@@ -118,6 +131,10 @@ def run_rounds(
             record["train_loss"] = float(train_metrics[k.TRAIN_LOSS])
         if fed_eval is not None and k.EVAL_ACCURACY in fed_eval:
             record["federated_accuracy"] = float(fed_eval[k.EVAL_ACCURACY])
+        if stopping():
+            log(WARNING, "round %d was cut by the shutdown: not recorded (the checkpoint "
+                "stays at round %d)", rnd, rnd - 1)
+            raise RunStopped(f"stopped during round {rnd}")
         recorder.add_round(record)
         save_checkpoint(recorder.dir, Checkpoint(
             rnd, arrays.to_torch_state_dict(),

@@ -236,3 +236,34 @@ def test_pruned_fedld_aggregates_kept_entries_with_the_principal_gradient():
     for name, mask in s.masks.items():
         assert torch.count_nonzero(theta[name][~mask]) == 0, name
     assert all(torch.isfinite(t).all() for t in theta.values())
+
+
+def test_a_round_cut_by_the_shutdown_is_neither_recorded_nor_checkpointed(tmp_path):
+    """Ctrl-C stops the clients with the server: the round that was open then has
+    replies that failed because of the shutdown; it must not become the checkpoint."""
+    from fl.checkpoint import load as load_checkpoint
+    from fl.results import RunRecorder, read_rounds
+    from server.rounds import RunStopped, run_rounds
+
+    cfg, s, contexts = experiment("strategy.name=fedavg")
+    sent = []
+
+    class ShutdownInRound2(LoopbackGrid):
+        def send_and_receive(self, messages, timeout=None):
+            sent.append(len(messages))
+            return super().send_and_receive(messages, timeout)
+
+    theta = build_model(cfg.model, (1, 8, 8), 10, seed=cfg.seed).state_dict()
+    recorder = RunRecorder(tmp_path)
+    with pytest.raises(RunStopped, match="during round 2"):
+        run_rounds(ShutdownInRound2(contexts), s, ArrayRecord(theta), 4, ConfigRecord({}),
+                   lambda rnd, arrays: {"accuracy": 0.5, "loss": 1.0}, recorder, 60,
+                   config_json="{}", stopping=lambda: len(sent) >= 2)
+    assert [r["round"] for r in read_rounds(tmp_path)] == [0, 1]
+    assert load_checkpoint(tmp_path, "{}").round == 1
+    sent.clear()
+    with pytest.raises(RunStopped, match="before round 1"):  # nothing starts after a stop
+        run_rounds(ShutdownInRound2(contexts), s, ArrayRecord(theta), 4, ConfigRecord({}),
+                   lambda rnd, arrays: {"accuracy": 0.5, "loss": 1.0},
+                   RunRecorder(tmp_path / "b"), 60, stopping=lambda: True)
+    assert sent == []
