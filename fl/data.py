@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fl import datacache
 from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig
 from fl.node import DATA_PATH, NUM_CLASSES, NUM_PARTITIONS, PARTITION_ID
 
@@ -65,11 +66,18 @@ class DataError(ValueError):
 
 # --- loaders -----------------------------------------------------------------
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled 8x8 digits, (N, 1, 8, 8) in [0, 1] (kept in the data cache:
+    importing scikit-learn costs every process about 140 MB)."""
 
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]  # (N, 1, 8, 8) in [0, 1]
-    return x, d.target.astype(np.int64)
+    def load() -> dict[str, np.ndarray]:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return {"x": (d.images / 16.0).astype(np.float32)[:, None, :, :],
+                "y": d.target.astype(np.int64)}
+
+    e = datacache.cached("digits", datacache.versions("scikit-learn"), load)
+    return e["x"], e["y"]
 
 
 def synthetic(
@@ -194,38 +202,66 @@ def partition_indices(
         parts = [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
                  for i in range(cfg.num_clients)]
     except ValueError as e:  # e.g. Dirichlet cannot satisfy min_partition_size
-        raise DataError(f"partition: {e}") from None
+        raise DataError(f"partition: {e} (kind={cfg.kind}, num_clients={cfg.num_clients}, "
+                        f"alpha={cfg.alpha}, min_size={cfg.min_size}, {len(labels)} "
+                        "examples in the pool)") from None
     return tuple(parts)
 
 
-def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[np.ndarray, ...]:
-    """(train_x, train_y, test_x, test_y, groups-or-None): the pool and the test split."""
-    groups = None
+def _source_key(dcfg: DatasetConfig, seed: int) -> dict[str, Any]:
+    """What the pool/test split of ``dcfg`` depends on (the data cache's key)."""
+    fields = {f: getattr(dcfg, f) for f in DatasetConfig.__dataclass_fields__}
+    key: dict[str, Any] = {"dataset": fields, "seed": seed,
+                           **datacache.versions("numpy", "scikit-learn")}
+    if dcfg.name == "npz":
+        try:
+            key["file"] = datacache.file_fingerprint(dcfg.path)
+        except OSError:
+            raise DataError(f"dataset.path: {dcfg.path!r} does not exist") from None
     if dcfg.name == "hf":
-        xtr, ytr, xte, yte = _hf(dcfg.hf_name)
-        train_x, train_y, test_x, test_y = xtr, ytr, xte, yte
+        key.update(datacache.versions("flwr-datasets", "datasets"))
+    return key
+
+
+def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[Any, ...]:
+    """(train_x, train_y, test_x, test_y, groups-or-None, split key): the pool and the
+    test split. The row indices of the split come from the data cache."""
+    key = _source_key(dcfg, seed)
+    if dcfg.name == "hf":
+        e = datacache.cached("hf", key, lambda: dict(zip(("xtr", "ytr", "xte", "yte"),
+                                                         _hf(dcfg.hf_name))))
+        return e["xtr"], e["ytr"], e["xte"], e["yte"], None, key
+    groups = None
+    if dcfg.name == "digits":
+        x, y = _digits()
+    elif dcfg.name == "synthetic":
+        x, y, groups = synthetic(dcfg.synthetic_alpha, dcfg.synthetic_beta,
+                                 dcfg.synthetic_devices, dcfg.synthetic_samples, seed)
     else:
-        if dcfg.name == "digits":
-            x, y = _digits()
-        elif dcfg.name == "synthetic":
-            x, y, groups = synthetic(dcfg.synthetic_alpha, dcfg.synthetic_beta,
-                                     dcfg.synthetic_devices, dcfg.synthetic_samples, seed)
-        else:
-            x, y = load_npz(dcfg.path)
+        x, y = load_npz(dcfg.path)
+
+    def split() -> dict[str, np.ndarray]:
         tr, te = _stratified_split(y, dcfg.test_fraction, seed)
         # shuffle the pool with the seed so that order-based partitioners are seeded too
-        tr = tr[np.random.default_rng(seed).permutation(len(tr))]
-        train_x, train_y, test_x, test_y = x[tr], y[tr], x[te], y[te]
-        groups = groups[tr] if groups is not None else None
-    return train_x, train_y, test_x, test_y, groups
+        return {"train": tr[np.random.default_rng(seed).permutation(len(tr))], "test": te}
+
+    rows = datacache.cached("split", key, split)
+    tr, te = rows["train"], rows["test"]
+    groups = groups[tr] if groups is not None else None
+    return x[tr], y[tr], x[te], y[te], groups, key
 
 
 @lru_cache(maxsize=2)  # one dataset per process: data is cached, never client state
 def _load_cached(ds: tuple, part: tuple, seed: int) -> FederatedData:
     pcfg = PartitionConfig(*part)
-    train_x, train_y, test_x, test_y, groups = _split_arrays(DatasetConfig(*ds), seed)
+    train_x, train_y, test_x, test_y, groups, key = _split_arrays(DatasetConfig(*ds), seed)
     num_classes = int(max(train_y.max(), test_y.max()) + 1)
-    parts = partition_indices(train_y, pcfg, seed, groups)
+    pkey = {"split": key, "partition": {f: getattr(pcfg, f) for f in
+                                        PartitionConfig.__dataclass_fields__},
+            **datacache.versions("flwr-datasets", "datasets")}
+    parts = datacache.unpack_parts(datacache.cached(
+        "partition", pkey,
+        lambda: datacache.pack_parts(partition_indices(train_y, pcfg, seed, groups))))
     return FederatedData(
         train=Arrays(torch.from_numpy(train_x), torch.from_numpy(train_y)),
         test=Arrays(torch.from_numpy(test_x), torch.from_numpy(test_y)),
@@ -243,6 +279,16 @@ def load_federated(cfg: ExperimentConfig) -> FederatedData:
         tuple(getattr(p, f) for f in PartitionConfig.__dataclass_fields__),
         cfg.seed,
     )
+
+
+def prepare(cfg: ExperimentConfig) -> None:
+    """Compute and store ``cfg``'s dataset split and partitions in the data cache
+    (fl.datacache), so that the simulation's processes only read them.
+
+    Raises DataError when the partition cannot be made (e.g. Dirichlet(0.1) cannot
+    give every client ``partition.min_size`` examples).
+    """
+    load_federated(cfg)
 
 
 def dataset_info(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
@@ -272,7 +318,7 @@ class EvalData:
 
 @lru_cache(maxsize=2)
 def _load_test_cached(ds: tuple, seed: int) -> EvalData:
-    train_x, train_y, test_x, test_y, _ = _split_arrays(DatasetConfig(*ds), seed)
+    train_x, train_y, test_x, test_y, _, _ = _split_arrays(DatasetConfig(*ds), seed)
     return EvalData(Arrays(torch.from_numpy(test_x), torch.from_numpy(test_y)),
                     tuple(train_x.shape[1:]), int(max(train_y.max(), test_y.max()) + 1))
 

@@ -1,4 +1,5 @@
-"""Test-session environment: offline Flower, interpreted Triton, a private FLWR_HOME.
+"""Test-session environment: offline Flower, interpreted Triton, a private FLWR_HOME
+and a private data cache (fl.datacache).
 
 TRITON_INTERPRET must be set before triton is imported: with it, Triton kernels
 run on CPU tensors, which is how the tests check them against the references.
@@ -16,9 +17,12 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 _HOME = tempfile.mkdtemp(prefix="bonsai-flwr-home-")
 os.environ.setdefault("FLWR_HOME", _HOME)
+_CACHE = tempfile.mkdtemp(prefix="bonsai-data-cache-")
+os.environ["BONSAI_CACHE_DIR"] = _CACHE
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_flwr_home():
     yield
     shutil.rmtree(_HOME, ignore_errors=True)
+    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -112,6 +112,21 @@ def test_bad_config_starts_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_impossible_partition_fails_before_flower_starts(tmp_path):
+    """The data split is prepared before the federation: a partition that cannot be
+    made is one line and exit 2, with no results folder and no process left."""
+    mark = uuid.uuid4().hex
+    proc = bonsai(["run", "simulations/quickstart.yaml", "--quiet", "--set",
+                   "partition.num_clients=100", "--set", "partition.min_size=20", "--set",
+                   f"output_dir={tmp_path}"], mark)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().startswith("bonsai: error: partition: ")
+    assert "num_clients=100" in err and "min_size=20" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert wait_gone(mark) == []
+
+
 def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
     run_dir, _ = run_ok(tmp_path, "af", ["--set", "strategy.name=autoflip", "--set", "rounds=3",
                                          "--set", "pruning.mask_every=1", "--set",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,12 +17,10 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
-from fl.checkpoint import CheckpointError
-from fl.checkpoint import load as load_checkpoint
 from fl.cli.common import fail, load_or_fail
 from fl.config import ExperimentConfig, to_flat, to_json
 from fl.progress import human_bytes, watch
-from fl.results import SUMMARY_JSON
+from fl.results import STOPPING, SUMMARY_JSON
 from fl.runtime import RuntimeFailure, SimulationRuntime
 
 DEFAULT_FILE = "simulations/quickstart.yaml"
@@ -75,6 +75,40 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
+def _prepare_child() -> None:
+    """Child-process entry of :func:`prepare_data`: the flat config as JSON on stdin;
+    exit 0, or exit 3 with the problem as one line on stdout."""
+    import warnings
+
+    from fl.config import from_flat
+    from fl.data import DataError, prepare
+
+    try:
+        with warnings.catch_warnings():  # flwr-datasets warns at every Dirichlet retry
+            warnings.simplefilter("ignore")
+            prepare(from_flat(json.loads(sys.stdin.read())))
+    except DataError as e:
+        print(e)
+        sys.exit(3)
+
+
+def prepare_data(cfg: ExperimentConfig) -> str:
+    """Compute the dataset split and partitions into the data cache (fl.datacache)
+    before the federation starts, so its processes only read them; the problem as
+    one line, or ''. Runs in a child process: this one lives as long as the run and
+    should not keep torch, scikit-learn and flwr-datasets resident."""
+    if cfg.dataset.name == "hf":  # needs the network: the nodes load it themselves
+        return ""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from fl.cli.run import _prepare_child; _prepare_child()"],
+        input=json.dumps(to_flat(cfg)), capture_output=True, text=True)
+    if proc.returncode == 3:
+        return proc.stdout.strip().splitlines()[-1]
+    if proc.returncode != 0:
+        raise RuntimeFailure("preparing the dataset split failed:\n" + proc.stderr[-3000:])
+    return ""
+
+
 def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
                    live: bool = True) -> dict[str, Any]:
     """Run ``cfg`` through ``flwr run`` on a private SuperLink; return its summary.
@@ -85,11 +119,18 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
     run_dir = prepare_run_dir(cfg)
     run_config = run_dir / "run_config.toml"
     run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
+    (run_dir / STOPPING).unlink(missing_ok=True)  # from an interrupted run being resumed
     with SimulationRuntime(run_dir) as rt:
-        proc = rt.flwr_run(run_config, federation_config(cfg))
-        if live:
-            watch(run_dir, cfg.rounds, lambda: proc.poll() is None, console)
-        rc = proc.wait()
+        try:
+            proc = rt.flwr_run(run_config, federation_config(cfg))
+            if live:
+                watch(run_dir, cfg.rounds, lambda: proc.poll() is None, console)
+            rc = proc.wait()
+        except BaseException:
+            # before the processes are ended: the server then records no further
+            # round, since the replies of the open one fail with the clients
+            (run_dir / STOPPING).touch()
+            raise
     summary_path = run_dir / SUMMARY_JSON
     if not summary_path.exists():
         tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
@@ -102,6 +143,9 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
 
 def check_resume(cfg: ExperimentConfig, run_dir: Path) -> str | None:
     """Point ``cfg`` at ``run_dir`` to resume it; the problem as one line, or None."""
+    from fl.checkpoint import CheckpointError  # torch: imported only to resume
+    from fl.checkpoint import load as load_checkpoint
+
     if (run_dir / SUMMARY_JSON).exists():
         return f"--resume: {str(run_dir)!r} holds a finished run; nothing to resume"
     cfg.run_dir, cfg.resume = str(run_dir.expanduser().resolve()), True
@@ -146,10 +190,14 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_interrupt)
     t0 = time.perf_counter()
     try:
+        with console.status("preparing the dataset split and partitions"):
+            problem = prepare_data(cfg)
+        if problem:
+            return fail(problem)
         summary = run_simulation(cfg, console, live=not args.quiet)
     except KeyboardInterrupt:
-        return fail(f"interrupted; every process was stopped; partial results in {cfg.run_dir}",
-                    code=130)
+        where = f"; partial results in {cfg.run_dir}" if cfg.run_dir else ""
+        return fail(f"interrupted; every process was stopped{where}", code=130)
     except RuntimeFailure as e:
         return fail(str(e), code=1)
     _print_summary(console, summary, time.perf_counter() - t0)

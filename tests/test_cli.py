@@ -1,0 +1,43 @@
+"""The ``bonsai`` entry point: every subcommand listed, and ``bonsai run`` kept small."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl.cli import SUBCOMMANDS, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
+
+
+def test_run_subcommand_does_not_import_torch():
+    """``bonsai run`` lives as long as its simulation: torch (about 200 MB) stays out of it,
+    and so do the libraries that compute the data split (done in a child process)."""
+    code = (
+        "import sys\n"
+        "from fl.cli import main\n"
+        "try:\n    main(['run', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import fl.cli.run\n"
+        "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'flwr_datasets', 'flwr')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--resume" in out.stdout
