@@ -66,10 +66,20 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)
 
 
-def _train_metrics(res, model: torch.nn.Module, input_shape: tuple[int, ...],
-                   epochs: int) -> MetricRecord:
+@lru_cache(maxsize=16)
+def _forward_flops(model: str, input_shape: tuple[int, ...], num_classes: int,
+                   structure: str) -> int:
+    """Forward FLOPs per example of the model ``structure`` leaves (cached: a model's
+    FLOPs depend only on these, and tracing it costs as much as a few training steps)."""
+    net = (shrink_model(model, input_shape, num_classes, structure_from_json(structure))
+           if structure else build_model(model, input_shape, num_classes))
+    return count_flops(net, input_shape)
+
+
+def _train_metrics(res, cfg: ExperimentConfig, node: NodeData, epochs: int,
+                   structure: str = "") -> MetricRecord:
     """num-examples, loss, seconds and the training FLOPs of the model actually trained."""
-    fwd = count_flops(model, input_shape)
+    fwd = _forward_flops(cfg.model, node.input_shape, node.num_classes, structure)
     return MetricRecord({
         k.NUM_EXAMPLES: res.num_examples,
         k.TRAIN_LOSS: res.loss,
@@ -101,7 +111,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         proximal_mu=float(conf.get(k.PROXIMAL_MU, 0.0)),
     )
     model.to("cpu")
-    metrics = _train_metrics(res, model, node.input_shape, cfg.train.local_epochs)
+    metrics = _train_metrics(res, cfg, node, cfg.train.local_epochs)
     return Message(RecordDict({k.ARRAYS: ArrayRecord(model.state_dict()), k.METRICS: metrics}),
                    reply_to=msg)
 
@@ -134,8 +144,9 @@ def _held_masks(context: Context, version: int) -> dict[str, torch.Tensor] | Non
 
 def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
                  input_shape: tuple[int, ...], num_classes: int
-                 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int]:
-    """Decode the payload into the (physically smaller) model and its masks.
+                 ) -> tuple[torch.nn.Module, dict[str, torch.Tensor], int, str]:
+    """Decode the payload into the (physically smaller) model, its masks, the mask
+    version and the structure (JSON) the model was shrunk to.
 
     A fresh mask (and the kept units) arrive only when the node's copy is
     stale; otherwise the values are read against the mask kept in
@@ -154,13 +165,14 @@ def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
     model = (shrink_model(cfg.model, input_shape, num_classes, structure_from_json(structure))
              if structure else build_model(cfg.model, input_shape, num_classes))
     model.load_state_dict(state)
-    return model, {n: m.bool() for n, m in masks.items()}, version
+    return model, {n: m.bool() for n, m in masks.items()}, version, str(structure)
 
 
 def _train_sparse(msg: Message, context: Context) -> Message:
     cfg, node, _ = _setup(context)
     pid, data, shape = node.partition_id, node.data, node.input_shape
-    model, masks, version = _sparse_view(msg, context, cfg, shape, node.num_classes)
+    model, masks, version, structure = _sparse_view(msg, context, cfg, shape,
+                                                    node.num_classes)
     conf: ConfigRecord = msg.content[k.CONFIG]
     server_round = int(conf.get(k.SERVER_ROUND, 0))
     start = {n: t.detach().clone() for n, t in model.state_dict().items()}
@@ -176,7 +188,7 @@ def _train_sparse(msg: Message, context: Context) -> Message:
     delta = {n: t - start[n] for n, t in model.state_dict().items()}
     payload = wire.encode(delta, masks=masks or None, mask_version=version, send_mask=False,
                           quantize=cfg.pruning.quantize)
-    metrics = _train_metrics(res, model, shape, cfg.train.local_epochs)
+    metrics = _train_metrics(res, cfg, node, cfg.train.local_epochs, structure)
     return Message(RecordDict({k.PAYLOAD: wire.to_record(payload), k.METRICS: metrics}),
                    reply_to=msg)
 
@@ -198,7 +210,7 @@ def explore_handler(msg: Message, context: Context) -> Message:
     model.to("cpu")
     after = model.state_dict()
     deviations = {n: (after[n] - theta0[n]) ** 2 for n in prunable_names(model)}
-    metrics = _train_metrics(res, model, node.input_shape, epochs)
+    metrics = _train_metrics(res, cfg, node, epochs)
     return Message(RecordDict({k.PAYLOAD: wire.to_record(wire.encode(deviations)),
                                k.METRICS: metrics}), reply_to=msg)
 
