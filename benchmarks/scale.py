@@ -3,10 +3,11 @@
     python benchmarks/scale.py                        # 10, 100, 1000 clients, 3 rounds
     python benchmarks/scale.py --sizes 10 100 --rounds 5 --repeat 3
 
-For each federation size N it runs, one after the other in this process's
-machine, (a) ``bonsai``'s simulation (``fl.cli.run.run_simulation``: private
-SuperLink, ``flwr run``, Bonsai's ServerApp/ClientApp, FedAvg with seeded
-sampling) and (b) a minimal plain-Flower app (benchmarks/plain_flower: Flower's
+For each federation size N it runs, one after the other on this machine,
+(a) ``bonsai run`` as a subprocess, as a user types it (the data split and
+partitions prepared into a fresh data cache, a private SuperLink, ``flwr run``,
+Bonsai's ServerApp/ClientApp, FedAvg with seeded sampling; the ``bonsai``
+process itself is measured too) and (b) a minimal plain-Flower app (benchmarks/plain_flower: Flower's
 own FedAvg, a plain PyTorch loop) on a private SuperLink of its own, with the
 same model (Bonsai's ``cnn``), data, client count, clients per round
 (min(N, --sampled)), local epochs, batch size and Ray resources (1 CPU per
@@ -162,21 +163,29 @@ def _measure(fn, mark: str) -> tuple[Any, MemorySampler, float]:
 
 # --- the two systems ------------------------------------------------------------------
 def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[float]:
-    from rich.console import Console
+    """``bonsai run`` as a user types it (a subprocess, so its own memory counts too)."""
+    import yaml
 
-    from fl.cli.run import run_simulation
-
-    cfg = build({
-        "name": f"scale-{n}", "seed": 0, "rounds": a.rounds, "model": "cnn",
+    name = f"scale-{n}-{uuid.uuid4().hex[:8]}"
+    study = {
+        "name": name, "seed": 0, "rounds": a.rounds, "model": "cnn",
         "output_dir": str(work), "dataset.name": "npz", "dataset.path": str(data),
         "dataset.test_fraction": 0.2, "partition.kind": "iid", "partition.num_clients": n,
         "strategy.name": "fedavg", "strategy.fraction_train": min(1.0, a.sampled / n),
         "strategy.min_train_clients": 2, "train.local_epochs": a.epochs,
         "train.batch_size": 16, "train.lr": 0.05, "train.momentum": 0.9,
         "resources.client_cpus": 1,
-    })
-    run_simulation(cfg, Console(file=open(os.devnull, "w")), live=False)  # noqa: SIM115
-    return [r["seconds"] for r in read_rounds(cfg.run_dir) if r["round"] > 0]
+    }
+    build(study)  # a bad setting fails here, not in the subprocess
+    cfg_file = work / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(study))
+    proc = subprocess.run([sys.executable, "-m", "fl.cli", "run", str(cfg_file), "--quiet"],
+                          cwd=str(ROOT), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bonsai run (N={n}) failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-3000:])
+    (run_dir,) = [p for p in work.iterdir() if p.is_dir() and p.name.startswith(name)]
+    return [r["seconds"] for r in read_rounds(run_dir) if r["round"] > 0]
 
 
 def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[float]:
@@ -237,6 +246,9 @@ def main() -> int:
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
         os.environ.setdefault(k, v)
+    # both apps import the project (the plain one for the same cnn), installed or not
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     import flwr
     import torch
 
@@ -257,6 +269,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bonsai-scale-") as tmp:
         work = Path(tmp)
+        # a fresh data cache: each size's first Bonsai run computes the split and
+        # partitions (before the federation starts), later repeats read them
+        os.environ["BONSAI_CACHE_DIR"] = str(work / "data-cache")
         for n in a.sizes:
             data = work / f"digits-{n}.npz"
             total = make_data(n, data)
