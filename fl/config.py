@@ -257,9 +257,16 @@ def build(values: Mapping[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def _cross_checks(cfg: ExperimentConfig) -> list[str]:
-    from fl.models import requires_image  # local: keep config importable on its own
+#: models that take (channels, height, width) inputs (fl.models builds them)
+IMAGE_MODELS = frozenset({"cnn", "resnet8"})
 
+
+def requires_image(name: str) -> bool:
+    """True for models that need (channels, height, width) inputs."""
+    return name in IMAGE_MODELS
+
+
+def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     p: list[str] = []
     n = cfg.partition.num_clients
     if cfg.strategy.min_train_clients > n:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fl import datacache
-from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig
+from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig, requires_image
 from fl.node import DATA_PATH, NUM_CLASSES, NUM_PARTITIONS, PARTITION_ID
 
 
@@ -458,8 +458,6 @@ def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
         A missing or unreadable path, or examples whose shape or labels do not
         fit the experiment's model; the message names ``data-path``.
     """
-    from fl.models import requires_image  # local: models imports torch.nn only
-
     x, y, file_classes = load_local(path)
     shape = tuple(int(s) for s in x.shape[1:])
     expected = _expected(cfg)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fl import config
+
 ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 _REGISTRY: dict[str, ModelFactory] = {}
 
@@ -51,9 +53,7 @@ def build_model(
         return _REGISTRY[name](tuple(input_shape), num_classes)
 
 
-def requires_image(name: str) -> bool:
-    """True for models that need (channels, height, width) inputs."""
-    return name in {"cnn", "resnet8"}
+requires_image = config.requires_image  # the name rule lives with the config (no torch there)
 
 
 class MLP(nn.Module):
