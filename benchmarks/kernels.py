@@ -289,10 +289,20 @@ def machine(device: torch.device) -> dict:
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": __import__("triton").__version__ if HAS_TRITON else None,
+        "triton": _installed("triton"),
+        "triton_loaded": HAS_TRITON,  # False on CPU-only torch (fl/kernels/_triton.py)
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     return info
+
+
+def _installed(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,9 @@ For each federation size N it runs, one after the other on this machine,
 (a) ``bonsai run`` as a subprocess, as a user types it (the data split and
 partitions prepared into a fresh data cache, a private SuperLink, ``flwr run``,
 Bonsai's ServerApp/ClientApp, FedAvg with seeded sampling; the ``bonsai``
-process itself is measured too) and (b) a minimal plain-Flower app (benchmarks/plain_flower: Flower's
-own FedAvg, a plain PyTorch loop) on a private SuperLink of its own, with the
+process itself is measured too) and (b) a minimal plain-Flower app
+(benchmarks/plain_flower: Flower's own FedAvg, a plain PyTorch loop) on a
+private SuperLink of its own, with the
 same model (Bonsai's ``cnn``), data, client count, clients per round
 (min(N, --sampled)), local epochs, batch size and Ray resources (1 CPU per
 client). Both evaluate the global model on the same-size central test split

@@ -333,12 +333,12 @@ def _decode_one(
     elif msg.encoding == pb.ENCODING_BITMAP_VALUES:
         mask = _read_bitmap(msg, numel)
         received = mask
-        count = int(mask.sum())
+        count = int(torch.count_nonzero(mask))
     elif msg.encoding == pb.ENCODING_VALUES_AGAINST_MASK:
         if msg.bitmap:
             raise _err(name, "VALUES_AGAINST_MASK encoding carries a bitmap")
         mask = _known_mask(msg, shape, known_masks, known_mask_version)
-        count = int(mask.sum())
+        count = int(torch.count_nonzero(mask))
     else:
         raise _err(name, f"unknown encoding code {msg.encoding}")
 
