@@ -322,8 +322,7 @@ def check_partitions(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[
                 seen[key] = None
             except (DataError, ValueError, OSError) as e:
                 what = str(e) if isinstance(e, DataError) else f"data: {type(e).__name__}: {e}"
-                seen[key] = f"{what} ({cfg.partition.kind}, {cfg.partition.num_clients} " \
-                            f"clients, {cfg.dataset.name}, seed {cfg.seed})"
+                seen[key] = f"{what} (dataset {cfg.dataset.name}, seed {cfg.seed})"
         if seen[key]:
             bad[cid] = [seen[key]]
     return bad

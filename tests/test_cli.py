@@ -49,3 +49,29 @@ def test_run_subcommand_does_not_import_torch(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "light" in out.stdout
     assert [p.name for p in tmp_path.iterdir()]  # the results folder was made: it got there
+
+
+def test_sweep_subcommand_does_not_import_torch(tmp_path):
+    """``bonsai sweep`` runs for hours: its cells' data splits are built in a child process
+    (filling the data cache), and the process itself stays free of torch."""
+    study = (ROOT / "simulations" / "smoke_study.yaml").read_text()
+    study = study.replace("output_dir: results/studies", f"output_dir: {tmp_path}")
+    (tmp_path / "study.yaml").write_text(study)
+    code = (
+        "import sys\n"
+        "import fl.runtime\n"
+        "def stop(self):\n    raise SystemExit(0)\n"
+        "fl.runtime.SimulationRuntime.__enter__ = stop\n"
+        "from fl.cli import main\n"
+        "try:\n"
+        f"    main(['sweep', {str(tmp_path / 'study.yaml')!r}, '--quiet'])\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'flwr_datasets', 'flwr')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('light')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "light" in out.stdout and "cell 1/6" in out.stdout

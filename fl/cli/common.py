@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+from collections.abc import Mapping
 
-from fl.config import ConfigError, ExperimentConfig, load
+from fl.config import ConfigError, ExperimentConfig, from_flat, load, to_flat
+from fl.runtime import RuntimeFailure
 
 USAGE_ERROR = 2
 
@@ -22,3 +26,34 @@ def load_or_fail(path: str | None, overrides: list[str]) -> ExperimentConfig | i
         return load(path, overrides)
     except ConfigError as e:
         return fail(e.problems)
+
+
+def _check_data_child() -> None:
+    """Child-process entry of :func:`check_data`: ``{id: flat config}`` as JSON on stdin,
+    ``{id: [problem, ...]}`` as the last line of stdout."""
+    from fl.sweep import check_partitions
+
+    configs = {cid: from_flat(flat) for cid, flat in json.loads(sys.stdin.read()).items()}
+    print(json.dumps(check_partitions(configs)))
+
+
+def check_data(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
+    """Build every config's dataset split and partitions into the data cache
+    (fl.datacache) before anything runs: ``{id: problems}`` for the configs whose
+    split cannot be made (fl.sweep.check_partitions).
+
+    Runs in a short-lived child process: ``bonsai run`` and ``bonsai sweep`` live as
+    long as their runs and should not keep torch, scikit-learn and flwr-datasets
+    resident (the simulations' processes then only read the cache).
+    """
+    if not configs:
+        return {}
+    proc = subprocess.run(
+        [sys.executable, "-c", "from fl.cli.common import _check_data_child; "
+         "_check_data_child()"],
+        input=json.dumps({cid: to_flat(c) for cid, c in configs.items()}),
+        capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeFailure("checking the data splits failed:\n" + proc.stderr[-3000:])
+    return json.loads(lines[-1])

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 import tomli_w
 from rich.console import Console
 
-from fl.cli.common import fail, load_or_fail
+from fl.cli.common import check_data, fail, load_or_fail
 from fl.config import ExperimentConfig, to_flat, to_json
 from fl.progress import human_bytes, watch
 from fl.results import STOPPING, SUMMARY_JSON
@@ -73,40 +71,6 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)
     return run_dir
-
-
-def _prepare_child() -> None:
-    """Child-process entry of :func:`prepare_data`: the flat config as JSON on stdin;
-    exit 0, or exit 3 with the problem as one line on stdout."""
-    import warnings
-
-    from fl.config import from_flat
-    from fl.data import DataError, prepare
-
-    try:
-        with warnings.catch_warnings():  # flwr-datasets warns at every Dirichlet retry
-            warnings.simplefilter("ignore")
-            prepare(from_flat(json.loads(sys.stdin.read())))
-    except DataError as e:
-        print(e)
-        sys.exit(3)
-
-
-def prepare_data(cfg: ExperimentConfig) -> str:
-    """Compute the dataset split and partitions into the data cache (fl.datacache)
-    before the federation starts, so its processes only read them; the problem as
-    one line, or ''. Runs in a child process: this one lives as long as the run and
-    should not keep torch, scikit-learn and flwr-datasets resident."""
-    if cfg.dataset.name == "hf":  # needs the network: the nodes load it themselves
-        return ""
-    proc = subprocess.run(
-        [sys.executable, "-c", "from fl.cli.run import _prepare_child; _prepare_child()"],
-        input=json.dumps(to_flat(cfg)), capture_output=True, text=True)
-    if proc.returncode == 3:
-        return proc.stdout.strip().splitlines()[-1]
-    if proc.returncode != 0:
-        raise RuntimeFailure("preparing the dataset split failed:\n" + proc.stderr[-3000:])
-    return ""
 
 
 def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
@@ -189,11 +153,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, _raise_interrupt)
     t0 = time.perf_counter()
-    try:
+    try:  # the split first: a partition that cannot be made stops here, exit 2
         with console.status("preparing the dataset split and partitions"):
-            problem = prepare_data(cfg)
-        if problem:
-            return fail(problem)
+            problems = check_data({"run": cfg}).get("run")
+        if problems:
+            return fail(problems)
         summary = run_simulation(cfg, console, live=not args.quiet)
     except KeyboardInterrupt:
         where = f"; partial results in {cfg.run_dir}" if cfg.run_dir else ""

@@ -9,11 +9,11 @@ import time
 
 from rich.console import Console
 
-from fl.cli.common import fail
+from fl.cli.common import check_data, fail
+from fl.runtime import RuntimeFailure
 from fl.sweep import (
     StudyError,
     cell_status,
-    check_partitions,
     expand,
     load_study,
     run_study,
@@ -47,11 +47,15 @@ def run(args: argparse.Namespace) -> int:
     except StudyError as e:
         return fail(e.problems)
     configs, bad = validate_cells(cells)
+    console = Console()
     if not args.no_data_check:
-        bad.update(check_partitions(configs))
+        try:
+            with console.status(f"building the data splits of {len(configs)} cells"):
+                bad.update(check_data(configs))
+        except RuntimeFailure as e:
+            return fail(str(e), code=1)
         configs = {cid: c for cid, c in configs.items() if cid not in bad}
     stale = stale_cells(configs)
-    console = Console()
     if args.dry_run:
         console.print(f"{study.name}: {len(cells)} cells in {study.dir}", soft_wrap=True)
         counts: dict[str, int] = {}
