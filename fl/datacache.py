@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 #: bump when the split, the partitioning or the stored layout changes
-FORMAT = 1
+FORMAT = 2
 ENV = "BONSAI_CACHE_DIR"
 _KEY = "__key__"
 
