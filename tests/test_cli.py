@@ -25,29 +25,33 @@ def test_unknown_subcommand_is_a_usage_error(capsys):
     assert e.value.code == 2 and "invalid choice: 'frobnicate'" in capsys.readouterr().err
 
 
-def test_run_subcommand_does_not_import_torch(tmp_path):
-    """``bonsai run`` lives as long as its simulation: torch (about 200 MB) stays out of it,
-    and so do the libraries that compute the data split (done in a child process).
-    Checked up to the moment the Flower runtime would start."""
+def assert_light_until_flower_starts(argv: list[str]) -> str:
+    """Run ``bonsai ARGV`` in a fresh interpreter up to the moment the Flower runtime
+    would start; assert that none of the heavy libraries were imported; its stdout."""
     code = (
         "import sys\n"
         "import fl.runtime\n"
         "def stop(self):\n    raise SystemExit(0)\n"
         "fl.runtime.SimulationRuntime.__enter__ = stop\n"
         "from fl.cli import main\n"
-        "try:\n"
-        f"    main(['run', 'simulations/quickstart.yaml', '--quiet', '--set', "
-        f"'output_dir={tmp_path}'])\n"
-        "except SystemExit:\n    pass\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'flwr_datasets', 'flwr')\n"
         "         if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "print('light')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
+                         timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "light" in out.stdout
+    return out.stdout
+
+
+def test_run_subcommand_does_not_import_torch(tmp_path):
+    """``bonsai run`` lives as long as its simulation: torch (about 200 MB) stays out of it,
+    and so do the libraries that compute the data split (done in a child process)."""
+    assert_light_until_flower_starts(["run", "simulations/quickstart.yaml", "--quiet",
+                                      "--set", f"output_dir={tmp_path}"])
     assert [p.name for p in tmp_path.iterdir()]  # the results folder was made: it got there
 
 
@@ -57,21 +61,5 @@ def test_sweep_subcommand_does_not_import_torch(tmp_path):
     study = (ROOT / "simulations" / "smoke_study.yaml").read_text()
     study = study.replace("output_dir: results/studies", f"output_dir: {tmp_path}")
     (tmp_path / "study.yaml").write_text(study)
-    code = (
-        "import sys\n"
-        "import fl.runtime\n"
-        "def stop(self):\n    raise SystemExit(0)\n"
-        "fl.runtime.SimulationRuntime.__enter__ = stop\n"
-        "from fl.cli import main\n"
-        "try:\n"
-        f"    main(['sweep', {str(tmp_path / 'study.yaml')!r}, '--quiet'])\n"
-        "except SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'numpy', 'sklearn', 'flwr_datasets', 'flwr')\n"
-        "         if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "print('light')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=180, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "light" in out.stdout and "cell 1/6" in out.stdout
+    out = assert_light_until_flower_starts(["sweep", str(tmp_path / "study.yaml"), "--quiet"])
+    assert "cell 1/6" in out
