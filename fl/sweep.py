@@ -306,7 +306,7 @@ def check_partitions(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[
     Dirichlet(0.1) cannot give 100 clients 2 examples each). ``hf`` is skipped."""
     import warnings
 
-    from fl.data import DataError, load_federated
+    from fl.data import DataError, prepare
 
     seen: dict[tuple, str | None] = {}
     bad: dict[str, list[str]] = {}
@@ -318,7 +318,7 @@ def check_partitions(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    load_federated(cfg)
+                    prepare(cfg)  # also fills the data cache the cells read
                 seen[key] = None
             except (DataError, ValueError, OSError) as e:
                 what = str(e) if isinstance(e, DataError) else f"data: {type(e).__name__}: {e}"
