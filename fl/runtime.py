@@ -10,6 +10,7 @@ failure or Ctrl-C.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +152,77 @@ def terminate_trees(roots: Sequence[int], grace: float = 5.0, marker: str | None
         send(alive - termed, signal.SIGTERM)
         termed |= alive
         time.sleep(0.1)
-    deadline = time.monotonic() + 10.0
-    while (alive := members()) and time.monotonic() < deadline:
-        send(alive, signal.SIGKILL)
+    _kill_until_quiet(members)
+
+
+def _kill_until_quiet(members: Callable[[], set[int]], timeout: float = 10.0) -> None:
+    """SIGKILL ``members()`` until two scans 0.1 s apart find none: one empty scan
+    can fall in the instant a dying parent's last child is being created."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        alive = members()
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        quiet = 0 if alive else quiet + 1
         time.sleep(0.1)
+
+
+class Orphans:
+    """Keep what our children leave behind inside our own process tree, and end it.
+
+    Linux hands an orphan to init, out of reach of a walk down from our PIDs, and
+    the environment marker does not always find it: Ray's dashboard and runtime-env
+    agents, orphaned when their raylet dies first, rewrite their process title over
+    the memory that /proc/PID/environ shows (seen: 3 of 6 Ctrl-C runs left both
+    alive, with none of our variables readable). Made a child subreaper (``prctl``
+    PR_SET_CHILD_SUBREAPER), this process inherits such orphans instead, so
+    :meth:`end` can kill every descendant that appeared since :meth:`__init__` and
+    reap the ones that became our children. Linux only; elsewhere a no-op.
+    """
+
+    def __init__(self) -> None:
+        self.was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER) == 1
+        self.enabled = self.was_subreaper or _prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+        self.before = set(descendants(os.getpid()))
+
+    def end(self, timeout: float = 10.0) -> None:
+        """SIGKILL our descendants started since construction, reap our dead children,
+        and leave the subreaper setting as it was."""
+        if not self.enabled:
+            return
+        me = os.getpid()
+        _kill_until_quiet(lambda: {p for p in descendants(me)
+                                   if p not in self.before and _alive(p)}, timeout)
+        for pid, (ppid, _) in _proc_table().items():
+            if ppid == me and pid not in self.before:
+                try:  # a zombie we adopted: no Popen will ever wait for it
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+        if not self.was_subreaper:
+            _prctl(PR_SET_CHILD_SUBREAPER, 0)
+
+
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
+
+
+def _prctl(option: int, arg: int = 0) -> int:
+    """``prctl(option, arg)``; PR_GET_* options return the value read. -1 where
+    unavailable (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return -1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return -1
+    if option == PR_GET_CHILD_SUBREAPER:
+        value = ctypes.c_int(0)
+        return value.value if libc.prctl(option, ctypes.byref(value), 0, 0, 0) == 0 else -1
+    return libc.prctl(option, arg, 0, 0, 0)
 
 
 def _alive(pid: int) -> bool:
@@ -185,6 +253,7 @@ class SimulationRuntime:
         self.marker = uuid.uuid4().hex
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
                     "RAY_TMPDIR": str(self.ray_tmp), MARKER_ENV: self.marker}
+        self.orphans = Orphans()
 
     def __enter__(self) -> SimulationRuntime:
         try:
@@ -261,6 +330,7 @@ class SimulationRuntime:
             except subprocess.TimeoutExpired:
                 self.superlink.kill()
                 self.superlink.wait(timeout=5)
+        self.orphans.end()
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 

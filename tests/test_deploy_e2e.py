@@ -9,15 +9,13 @@ message starts a ClientApp process), so the runs are 2 rounds of a small MLP.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from processes import bonsai, leftovers, wait_gone
 
 from fl.cli.deploy import plan_local, run_local, write_split
 from fl.config import load
@@ -64,43 +62,15 @@ def setup(tmp_path_factory):
     return exp, d / "data"
 
 
-def _leftovers(mark: str) -> list[int]:
-    needle = f"BONSAI_TEST_MARK={mark}".encode()
-    found = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                env = Path(f"/proc/{e}/environ").read_bytes().split(b"\0")
-                st = Path(f"/proc/{e}/stat").read_text()
-            except OSError:
-                continue
-            if needle in env and st[st.rindex(")") + 2] != "Z":
-                found.append(int(e))
-    return found
-
-
-def _wait_gone(check, timeout: float = 15.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := check()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
-def _bonsai(args: list[str], mark: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fl.cli", *args], cwd=ROOT,
-                            env={**os.environ, "BONSAI_TEST_MARK": mark},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_deploy_local_two_nodes_tls_auth_own_data(setup, tmp_path):
     exp, data = setup
     mark = uuid.uuid4().hex
-    proc = _bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
+    proc = bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
                     "--threads", "1", "--device", "cpu", "--set", f"output_dir={tmp_path}/r"],
                    mark)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
-    assert _wait_gone(lambda: _leftovers(mark)) == []
+    assert not (left := wait_gone(mark)), left
     (run_dir,) = (tmp_path / "r").iterdir()
     assert f"results: {run_dir}" in out and "accuracy" in out  # the live table, then summary
     for f in ("config.json", "rounds.jsonl", "rounds.csv", "summary.json", "final_model.pt"):
@@ -147,7 +117,7 @@ def test_unregistered_node_refused_and_killed_node_does_not_hang(setup, tmp_path
             seen["killed"] = True
 
     summary = run_local(cfg, nodes, live=False, on_poll=on_poll)
-    assert _wait_gone(lambda: marked(str(seen["marker"]))) == []
+    assert not (left := wait_gone(lambda: marked(str(seen["marker"])))), left
     assert summary["nodes"]["node-3"] == "refused"
     assert all(isinstance(summary["nodes"][f"node-{i}"], int) for i in range(3))
     assert "Exit Code: 305" in (Path(summary["run_dir"]) / "nodes" / "node-3.log").read_text()
@@ -162,7 +132,7 @@ def test_unregistered_node_refused_and_killed_node_does_not_hang(setup, tmp_path
 def test_ctrl_c_stops_every_process(setup, tmp_path):
     exp, data = setup
     mark = uuid.uuid4().hex
-    proc = _bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
+    proc = bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
                     "--quiet", "--set", "rounds=50", "--set", f"output_dir={tmp_path}/r"], mark)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -171,8 +141,8 @@ def test_ctrl_c_stops_every_process(setup, tmp_path):
             break
         time.sleep(0.3)
     assert proc.poll() is None, proc.communicate()[1][-2000:]
-    assert len(_leftovers(mark)) >= 4  # SuperLink, its SuperExec, 2 SuperNodes, ...
+    assert len(leftovers(mark)) >= 4  # SuperLink, its SuperExec, 2 SuperNodes, ...
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130 and "interrupted" in err
-    assert _wait_gone(lambda: _leftovers(mark)) == []
+    assert not (left := wait_gone(mark)), left

@@ -6,15 +6,13 @@ process is left behind (found by an environment marker every child inherits).
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from processes import bonsai, leftovers, wait_gone
 
 from fl.results import read_rounds
 
@@ -25,41 +23,13 @@ SMALL = ["--set", "rounds=2", "--set", "partition.num_clients=3", "--set",
          "strategy.min_train_clients=3"]
 
 
-def leftovers(mark: str) -> list[int]:
-    needle = f"BONSAI_TEST_MARK={mark}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
-                state = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if needle in env and state[state.rindex(")") + 2] != "Z":
-                pids.append(int(entry))
-    return pids
-
-
-def bonsai(args, mark, **kw):
-    env = {**os.environ, "BONSAI_TEST_MARK": mark}
-    return subprocess.Popen([sys.executable, "-m", "fl.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-def wait_gone(mark, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while (left := leftovers(mark)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 def run_ok(tmp_path, name, extra=()):
     mark = uuid.uuid4().hex
     proc = bonsai(["run", "simulations/quickstart.yaml", "--quiet", *SMALL,
                    "--set", f"output_dir={tmp_path}", "--set", f"name={name}", *extra], mark)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert wait_gone(mark) == []
+    assert not (left := wait_gone(mark)), left
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith(name)]
     return run_dir, out
 
@@ -99,7 +69,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err
-    assert wait_gone(mark) == []
+    assert not (left := wait_gone(mark)), left
 
 
 def test_bad_config_starts_nothing(tmp_path):
@@ -124,7 +94,7 @@ def test_impossible_partition_fails_before_flower_starts(tmp_path):
     assert err.strip().startswith("bonsai: error: partition: ")
     assert "num_clients=100" in err and "min_size=20" in err and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
-    assert wait_gone(mark) == []
+    assert not (left := wait_gone(mark)), left
 
 
 def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
@@ -185,7 +155,7 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
-    assert wait_gone(mark) == []
+    assert not (left := wait_gone(mark)), left
     (cut_dir,) = list(out.iterdir())
     assert not (cut_dir / "summary.json").exists()
 

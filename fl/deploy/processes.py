@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl.runtime import _bin, _toml_value, terminate_tree, terminate_trees
+from fl.runtime import Orphans, _bin, _toml_value, terminate_tree, terminate_trees
 
 __all__ = [
     "REFUSED_EXIT_CODE",
@@ -252,6 +252,7 @@ class Processes:
         self.marker = marker
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
+        self.orphans = Orphans()
 
     def start(self, name: str, cmd: Sequence[str], log: Path,
               env: Mapping[str, str] | None = None, cwd: str | None = None) -> subprocess.Popen:
@@ -280,5 +281,6 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        self.orphans.end()
 
 
