@@ -1,10 +1,12 @@
-"""Input checks and workspace handling shared by the fused optimizer kernels."""
+"""What the fused optimizer kernels share: input checks, workspace handling, and
+the start of each Triton step (the clipped, proximal update direction)."""
 
 from __future__ import annotations
 
 import torch
 
 from fl.kernels._dispatch import check_flat, check_same_device, check_tensor
+from fl.kernels._triton import tl, triton
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32)
@@ -73,3 +75,32 @@ def workspace_rows(workspace: torch.Tensor | None, param: torch.Tensor, rows: in
             f"on {param.device}, got {workspace.dtype} {tuple(workspace.shape)}"
         )
     return workspace
+
+
+# --- Triton: the start of both fused steps ----------------------------------------
+
+
+@triton.jit
+def block_offsets(n, BLOCK: tl.constexpr):
+    """This program's ``BLOCK`` entries (int64 offsets: buffers above 2^31) and which
+    of them lie inside ``n``."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return offs, offs < n
+
+
+@triton.jit
+def load_direction(
+    w, g_ptr, anchor_ptr, clip_ptr, offs, inb, prox_mu,
+    HAS_PROX: tl.constexpr, HAS_CLIP: tl.constexpr,
+):  # fmt: skip
+    """d = clamp(g, -c, c) + mu (w - w_anchor), in fp32 whatever ``g``'s dtype; the
+    options are compile-time flags, so a step without them pays nothing."""
+    d = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_CLIP:
+        c = tl.load(clip_ptr)
+        d = tl.minimum(tl.maximum(d, -c), c)
+    if HAS_PROX:
+        a = tl.load(anchor_ptr + offs, mask=inb, other=0.0)
+        d = d + prox_mu * (w - a)
+    return d

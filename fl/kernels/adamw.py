@@ -31,11 +31,13 @@ import torch
 from fl.kernels._dispatch import block_size, use_triton
 from fl.kernels._optim_common import (
     GRAD_DTYPES,
+    block_offsets,
     check_clip,
     check_like,
     check_param,
     check_step_mask,
     clip_tensor,
+    load_direction,
     workspace_rows,
 )
 from fl.kernels._triton import tl, triton
@@ -140,17 +142,9 @@ def _masked_adamw_kernel(
     HAS_MASK: tl.constexpr, HAS_PROX: tl.constexpr, HAS_CLIP: tl.constexpr,
     HAS_WD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    inb = offs < n
+    offs, inb = block_offsets(n, BLOCK)
     w = tl.load(w_ptr + offs, mask=inb, other=0.0)
-    d = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    if HAS_CLIP:
-        c = tl.load(clip_ptr)
-        d = tl.minimum(tl.maximum(d, -c), c)
-    if HAS_PROX:
-        a = tl.load(anchor_ptr + offs, mask=inb, other=0.0)
-        d = d + prox_mu * (w - a)
+    d = load_direction(w, g_ptr, anchor_ptr, clip_ptr, offs, inb, prox_mu, HAS_PROX, HAS_CLIP)
     if HAS_MASK:
         d = d * tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
     if HAS_WD:
