@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.config import parse_config_args
+from processes import leftovers
 
 from fl.config import load
 from fl.data import DataError, node_data
@@ -246,19 +247,6 @@ def test_measured_adds_peak_memory_and_logs_on_the_node(tmp_path):
 
 
 # --- CLI bad input: one line, exit 2, nothing running ------------------------------------------
-def _mark_left(mark: str) -> list[int]:
-    needle = f"BONSAI_TEST_MARK={mark}".encode()
-    found = []
-    for e in os.listdir("/proc"):
-        if e.isdigit():
-            try:
-                if needle in Path(f"/proc/{e}/environ").read_bytes().split(b"\0"):
-                    found.append(int(e))
-            except OSError:
-                pass
-    return found
-
-
 def _bonsai(*args: str) -> tuple[subprocess.CompletedProcess, str]:
     mark = uuid.uuid4().hex
     out = subprocess.run([sys.executable, "-m", "fl.cli", "deploy", *args], cwd=ROOT,
@@ -272,7 +260,7 @@ def _one_line_exit_2(out: subprocess.CompletedProcess, mark: str, needle: str) -
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bonsai: error: "), out.stderr
     assert needle in lines[0], lines[0]
-    assert _mark_left(mark) == []
+    assert leftovers(mark) == []  # nothing started
 
 
 def _inproc(capsys, *args: str) -> tuple[subprocess.CompletedProcess, str]:
