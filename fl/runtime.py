@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -234,7 +234,29 @@ def _alive(pid: int) -> bool:
 
 
 # --- the runtime --------------------------------------------------------------
-class SimulationRuntime:
+class ProcessContext:
+    """A context manager over ``start()`` and ``close()``: ``close`` runs on every
+    exit, also when ``start`` fails half-way (what it started is ended)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SimulationRuntime(ProcessContext):
     """A private SuperLink (simulation mode) for one run; a context manager.
 
     >>> with SimulationRuntime(log_dir) as rt:
@@ -254,17 +276,6 @@ class SimulationRuntime:
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
                     "RAY_TMPDIR": str(self.ray_tmp), MARKER_ENV: self.marker}
         self.orphans = Orphans()
-
-    def __enter__(self) -> SimulationRuntime:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from fl.deploy.processes import (
     wait_superlink,
 )
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
-from fl.runtime import FLOWER_ENV, MARKER_ENV, _bin, app_dir, free_port
+from fl.runtime import FLOWER_ENV, MARKER_ENV, ProcessContext, _bin, app_dir, free_port
 
 __all__ = ["LocalFederation", "LocalNode", "existing_keys"]
 
@@ -85,7 +85,7 @@ def existing_keys(keys_dir: str | Path, names: Sequence[str]) -> KeySet:
     return ks
 
 
-class LocalFederation:
+class LocalFederation(ProcessContext):
     """SuperLink + SuperNodes on 127.0.0.1 with TLS and node auth; a context manager.
 
     >>> with LocalFederation(run_dir, nodes) as fed:
@@ -123,17 +123,6 @@ class LocalFederation:
         self.keys: KeySet | None = None
 
     # --- lifecycle -----------------------------------------------------------------
-    def __enter__(self) -> LocalFederation:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.insecure:
