@@ -328,19 +328,26 @@ class SimulationRuntime(ProcessContext):
         self.children.append(proc)
         return proc
 
-    def close(self) -> None:
-        """End every process this runtime started, then remove its temp dirs."""
+    def close(self, grace: float = 5.0) -> None:
+        """End every process this runtime started (SIGTERM, SIGKILL after ``grace``
+        s), then remove its temp dirs. A second call does nothing.
+
+        Ray takes 3-5 s to act on SIGTERM; ``grace=0`` kills at once, for when
+        the run's results are already on disk.
+        """
         for proc in self.children:
             if proc.poll() is None:
-                terminate_tree(proc.pid, marker=self.marker)
+                terminate_tree(proc.pid, grace, marker=self.marker)
             proc.wait(timeout=10)
+        self.children = []
         if self.superlink is not None:
-            terminate_tree(self.superlink.pid, marker=self.marker)
+            terminate_tree(self.superlink.pid, grace, marker=self.marker)
             try:
                 self.superlink.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.superlink.kill()
                 self.superlink.wait(timeout=5)
+            self.superlink = None
         self.orphans.end()
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)

@@ -63,3 +63,22 @@ def test_sweep_subcommand_does_not_import_torch(tmp_path):
     (tmp_path / "study.yaml").write_text(study)
     out = assert_light_until_flower_starts(["sweep", str(tmp_path / "study.yaml"), "--quiet"])
     assert "cell 1/6" in out
+
+
+def test_wait_run_returns_when_the_summary_appears_or_flwr_exits(tmp_path):
+    """The run is over once the ServerApp wrote its summary (its last act), whether or
+    not ``flwr run`` has finished shutting down; without one, flwr's exit code counts."""
+    from fl.cli.run import wait_run
+
+    summary = tmp_path / "summary.json"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        summary.write_text("{}")
+        assert wait_run(sleeper, summary) is None
+        assert sleeper.poll() is None  # still shutting down: the caller ends it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    summary.unlink()
+    failing = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert wait_run(failing, summary) == 3

@@ -33,7 +33,7 @@ import tomli_w
 from rich.console import Console
 
 from fl.cli.common import fail, load_or_fail
-from fl.cli.run import _nested, _print_summary, _raise_interrupt, prepare_run_dir
+from fl.cli.run import _nested, _print_summary, _raise_interrupt, prepare_run_dir, wait_run
 from fl.config import ExperimentConfig, to_flat
 from fl.data import DataError, load_federated, load_local, node_data
 from fl.deploy.keys import (
@@ -459,6 +459,7 @@ def run_local(cfg: ExperimentConfig, nodes: list[LocalNode], console: Console | 
     run_dir = prepare_run_dir(cfg)
     run_config = run_dir / "run_config.toml"
     run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
+    summary_path = run_dir / SUMMARY_JSON
     with LocalFederation(run_dir, nodes, keys_dir=keys_dir, insecure=insecure) as fed:
         proc = fed.flwr_run(run_config)
         for node in fed.wait_nodes():
@@ -468,15 +469,16 @@ def run_local(cfg: ExperimentConfig, nodes: list[LocalNode], console: Console | 
         def running() -> bool:
             if on_poll is not None:
                 on_poll(fed, run_dir)
-            return proc.poll() is None
+            return proc.poll() is None and not summary_path.exists()
 
         if live:
             watch(run_dir, cfg.rounds, running, console)
         else:
             while running():
                 time.sleep(0.25)
-        rc = proc.wait()
-    summary_path = run_dir / SUMMARY_JSON
+        rc = wait_run(proc, summary_path)
+        if rc is None:  # all is saved: what is left is Flower's shutdown
+            fed.close(grace=0.0)
     if not summary_path.exists():
         tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
         raise RuntimeFailure(

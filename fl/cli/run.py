@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -84,18 +85,21 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
     run_config = run_dir / "run_config.toml"
     run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
     (run_dir / STOPPING).unlink(missing_ok=True)  # from an interrupted run being resumed
+    summary_path = run_dir / SUMMARY_JSON
     with SimulationRuntime(run_dir) as rt:
         try:
             proc = rt.flwr_run(run_config, federation_config(cfg))
             if live:
-                watch(run_dir, cfg.rounds, lambda: proc.poll() is None, console)
-            rc = proc.wait()
+                watch(run_dir, cfg.rounds,
+                      lambda: proc.poll() is None and not summary_path.exists(), console)
+            rc = wait_run(proc, summary_path)
+            if rc is None:  # all is saved: what is left is Flower's and Ray's shutdown
+                rt.close(grace=0.0)
         except BaseException:
             # before the processes are ended: the server then records no further
             # round, since the replies of the open one fail with the clients
             (run_dir / STOPPING).touch()
             raise
-    summary_path = run_dir / SUMMARY_JSON
     if not summary_path.exists():
         tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
         raise RuntimeFailure(
@@ -103,6 +107,20 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
             f"{run_dir / 'flower.log'}:\n" + "\n".join(tail)
         )
     return json.loads(summary_path.read_text())
+
+
+def wait_run(proc: subprocess.Popen, summary_path: Path, poll: float = 0.1) -> int | None:
+    """Wait until ``flwr run`` exits or the ServerApp has written ``summary_path``, its
+    last act; return the exit code, or None when the summary came first.
+
+    After the summary Flower still spends seconds ending the run and shutting Ray
+    down; the caller then ends those processes at once instead.
+    """
+    while proc.poll() is None:
+        if summary_path.exists():
+            return None
+        time.sleep(poll)
+    return proc.returncode
 
 
 def check_resume(cfg: ExperimentConfig, run_dir: Path) -> str | None:

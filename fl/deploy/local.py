@@ -196,9 +196,10 @@ class LocalFederation(ProcessContext):
         """Crash one SuperNode (SIGKILL, with its ClientApp processes)."""
         self.procs.kill(name)
 
-    def close(self) -> None:
-        """End every process by PID (flwr run, nodes, SuperLink), then remove the temp dir."""
+    def close(self, grace: float = 5.0) -> None:
+        """End every process by PID (flwr run, nodes, SuperLink; SIGKILL after ``grace``
+        s), then remove the temp dir. A second call does nothing."""
         try:
-            self.procs.close()
+            self.procs.close(grace)
         finally:
             shutil.rmtree(self.home, ignore_errors=True)

@@ -253,6 +253,7 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self.orphans = Orphans()
+        self.closed = False
 
     def start(self, name: str, cmd: Sequence[str], log: Path,
               env: Mapping[str, str] | None = None, cwd: str | None = None) -> subprocess.Popen:
@@ -273,7 +274,11 @@ class Processes:
 
     def close(self, grace: float = 5.0) -> None:
         """End every process and all they spawned at once (SIGTERM, then SIGKILL after
-        ``grace`` s), plus any straggler that carries the marker."""
+        ``grace`` s), plus any straggler that carries the marker. A second call does
+        nothing (the PIDs may belong to other processes by then)."""
+        if self.closed:
+            return
+        self.closed = True
         terminate_trees([p.pid for p in self.procs.values()], grace, self.marker)
         for proc in self.procs.values():
             try:
