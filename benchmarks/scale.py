@@ -163,7 +163,7 @@ def _measure(fn, mark: str) -> tuple[Any, MemorySampler, float]:
 
 
 # --- the two systems ------------------------------------------------------------------
-def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[float]:
+def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
     """``bonsai run`` as a user types it (a subprocess, so its own memory counts too)."""
     import yaml
 
@@ -186,10 +186,14 @@ def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[fl
         raise RuntimeError(f"bonsai run (N={n}) failed (exit {proc.returncode}):\n"
                            + proc.stderr[-3000:])
     (run_dir,) = [p for p in work.iterdir() if p.is_dir() and p.name.startswith(name)]
-    return [r["seconds"] for r in read_rounds(run_dir) if r["round"] > 0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"seconds": [r["seconds"] for r in read_rounds(run_dir) if r["round"] > 0],
+            # asking every node its partition id before round 1 (plain Flower samples
+            # node ids at random and needs no such query)
+            "discovery_seconds": summary["discovery_seconds"]}
 
 
-def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[float]:
+def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
     times = work / f"plain-{n}-times.json"
     run_config = work / f"plain-{n}.toml"
     rc = {"num-server-rounds": a.rounds, "fraction-train": min(1.0, a.sampled / n),
@@ -211,13 +215,15 @@ def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> list[flo
     if not times.exists():
         tail = (log_dir / "flower.log").read_text(errors="replace").splitlines()[-20:]
         raise RuntimeError(f"plain Flower run (N={n}) failed (exit {rc_}):\n" + "\n".join(tail))
-    return json.loads(times.read_text())["round_seconds"]
+    return {"seconds": json.loads(times.read_text())["round_seconds"]}
 
 
-def _summary(seconds: list[float], sampler: MemorySampler, wall: float) -> dict[str, Any]:
+def _summary(run: dict[str, Any], sampler: MemorySampler, wall: float) -> dict[str, Any]:
+    seconds = run["seconds"]
     steady = seconds[1:] or seconds
     return {
         "round_seconds": [round(s, 3) for s in seconds],
+        **({"discovery_seconds": run["discovery_seconds"]} if "discovery_seconds" in run else {}),
         "seconds_per_round": round(sum(steady) / len(steady), 3),
         "wall_seconds": round(wall, 1),
         "peak_rss_bytes": sampler.peak_rss,
@@ -285,20 +291,22 @@ def main() -> int:
                     print(f"N={n}: {system} (run {rep + 1}/{a.repeat}) ...", flush=True)
                     load = os.getloadavg()[0]
                     try:
-                        secs, sampler, wall = _measure(
+                        measured, sampler, wall = _measure(
                             lambda fn=fn, n=n, data=data: fn(n, data, work, a),
                             uuid.uuid4().hex)
                     except Exception as e:  # record and go on with the next measurement
                         runs[system].append({"error": str(e)[-2000:]})
                         print(f"  failed: {str(e)[:500]}", flush=True)
                         continue
-                    s = _summary(secs, sampler, wall)
+                    s = _summary(measured, sampler, wall)
                     s["load_average_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
                     runs[system].append(s)
                     print(f"  {s['seconds_per_round']:.2f} s/round (rounds "
                           f"{s['round_seconds']}), peak RSS {s['peak_rss_gib']:.2f} GiB, PSS "
-                          f"{s['peak_pss_gib']:.2f} GiB, wall {s['wall_seconds']:.0f} s, load "
-                          f"{s['load_average_1min']}", flush=True)
+                          f"{s['peak_pss_gib']:.2f} GiB, wall {s['wall_seconds']:.0f} s"
+                          + (f" (discovery {s['discovery_seconds']:.1f} s)"
+                             if "discovery_seconds" in s else "")
+                          + f", load {s['load_average_1min']}", flush=True)
             for system, rs in runs.items():
                 ok = [r for r in rs if "error" not in r]
                 if not ok:
@@ -312,6 +320,9 @@ def main() -> int:
                     "peak_pss_bytes": max(r["peak_pss_bytes"] for r in ok),
                     "peak_pss_gib": max(r["peak_pss_gib"] for r in ok),
                     "wall_seconds": round(statistics.median(r["wall_seconds"] for r in ok), 1),
+                    **({"discovery_seconds": round(statistics.median(
+                        r["discovery_seconds"] for r in ok), 2)}
+                       if all("discovery_seconds" in r for r in ok) else {}),
                     "runs": rs,
                 }
             b, f = entry.get("bonsai", {}), entry.get("plain", {})

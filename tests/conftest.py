@@ -26,3 +26,18 @@ def _remove_flwr_home():
     yield
     shutil.rmtree(_HOME, ignore_errors=True)
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def on_test_device():
+    """Tensors a test makes land on BONSAI_TEST_DEVICE (cpu unless the GPU check sets
+    cuda; fl.kernels.testing)."""
+    import torch
+
+    from fl.kernels.testing import TEST_DEVICE
+
+    if TEST_DEVICE == "cpu":  # the default already; the context would add a TorchFunctionMode
+        yield
+        return
+    with torch.device(TEST_DEVICE):
+        yield

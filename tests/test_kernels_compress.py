@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fl.kernels as K
-from fl.kernels.testing import assert_close, assert_exact
+from fl.kernels.testing import TEST_DEVICE, assert_close, assert_exact, generator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,8 +28,8 @@ BIG = 1_000_003  # 1M + 3: only for the cheap streaming kernels
 BACKENDS = ["torch", "triton"]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = generator
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 # --- obvious torch code (also the benchmark's baselines) ----------------------------
@@ -344,6 +344,7 @@ def test_bad_input_names_the_argument() -> None:
             fn()
 
 
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="checks the dispatch of CPU tensors")
 def test_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     import fl.kernels._dispatch as dispatch
     import fl.kernels.bitpack as bitpack

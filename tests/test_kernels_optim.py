@@ -14,7 +14,7 @@ import torch
 
 from fl.kernels.adamw import masked_adamw_step
 from fl.kernels.sgd import masked_sgd_step
-from fl.kernels.testing import assert_close, assert_exact
+from fl.kernels.testing import assert_close, assert_exact, generator
 
 SIZES = [1, 1025]  # option grids: a 1-entry buffer and a masked tail past a power of two
 STEPS = 3
@@ -27,8 +27,8 @@ GRAD_TOL = [
 ]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = generator
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 def _problem(n: int, seed: int, masked: bool) -> dict[str, torch.Tensor | None]:

@@ -46,6 +46,7 @@ def test_two_round_simulation_writes_results_learns_and_reproduces(tmp_path):
                for r in rounds[1:])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] == rounds[2]["accuracy"]
+    assert 0 < summary["discovery_seconds"] < summary["wall_seconds"]
     assert json.loads((run_dir / "config.json").read_text())["partition"]["num_clients"] == 3
 
     run_dir2, _ = run_ok(tmp_path, "b")

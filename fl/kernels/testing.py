@@ -1,8 +1,23 @@
-"""Assertions for kernel tests: failures say how many entries differ and where."""
+"""Kernel tests' helpers: assertions whose failures say how many entries differ and
+where, and the device the tests make their tensors on.
+
+``BONSAI_TEST_DEVICE`` (default ``cpu``) picks that device: on CPU the Triton
+kernels run under TRITON_INTERPRET=1; with ``cuda`` (and TRITON_INTERPRET=0) the
+same tests compile them for the GPU (benchmarks/gpu_check.sh).
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+TEST_DEVICE = os.environ.get("BONSAI_TEST_DEVICE", "cpu")
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the test device (random tensors are made there)."""
+    return torch.Generator(device=TEST_DEVICE).manual_seed(seed)
 
 
 def assert_exact(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:

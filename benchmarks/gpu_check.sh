@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check of issue 3, prepared to run in one call of the `device` tool (its
+# machines have torch, Triton, pytest and hypothesis; flwr is not needed):
+#
+#   bash benchmarks/gpu_check.sh        # from the repo root; OUT=folder for the results
+#
+# 1. the kernel tests with their tensors on the GPU and the Triton kernels compiled
+#    (BONSAI_TEST_DEVICE=cuda, TRITON_INTERPRET=0): each kernel against its reference;
+# 2. benchmarks/kernels.py --device cuda: step times, ratios and bandwidth, as JSON.
+# Writes $OUT/gpu-tests.log, $OUT/kernels-cuda.log and $OUT/kernels-cuda.json; copy the
+# JSON to benchmarks/results/ (the record names the card).
+set -uo pipefail
+OUT=${OUT:-/tmp/bonsai-gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0 BONSAI_TEST_DEVICE=cuda
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', \
+triton.__version__, torch.cuda.get_device_name())" || exit 1
+timeout "${TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_kernels_optim.py tests/test_kernels_compress.py 2>&1 | tee "$OUT/gpu-tests.log"
+tests_rc=${PIPESTATUS[0]}
+timeout "${BENCH_SECONDS:-300}" python3 benchmarks/kernels.py --device cuda \
+  --out "$OUT/kernels-cuda.json" 2>&1 | tee "$OUT/kernels-cuda.log"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu_check: tests exit $tests_rc, benchmark exit $bench_rc"
+exit $(( tests_rc != 0 || bench_rc != 0 ))
