@@ -49,18 +49,21 @@ def _config(items: tuple) -> ExperimentConfig:
     return from_flat(dict(items))
 
 
-def _setup(context: Context) -> tuple[ExperimentConfig, NodeData, torch.nn.Module]:
+def _node(context: Context) -> tuple[ExperimentConfig, NodeData]:
     cfg = _config(tuple(sorted(context.run_config.items())))
     cfg = node_profile(cfg, context)  # this node's thread limit and device (edge profile)
-    node = node_data(cfg, context.node_config)
-    model = build_model(cfg.model, node.input_shape, node.num_classes)
-    return cfg, node, model
+    return cfg, node_data(cfg, context.node_config)
+
+
+def _setup(context: Context) -> tuple[ExperimentConfig, NodeData, torch.nn.Module]:
+    cfg, node = _node(context)
+    return cfg, node, build_model(cfg.model, node.input_shape, node.num_classes)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id and example count."""
-    _, node, _ = _setup(context)
+    _, node = _node(context)  # no model: at 1000 simulated nodes its init is most of a query
     metrics = MetricRecord({"partition-id": node.partition_id,
                             k.NUM_EXAMPLES: len(node.data)})
     return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)
@@ -169,7 +172,7 @@ def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
 
 
 def _train_sparse(msg: Message, context: Context) -> Message:
-    cfg, node, _ = _setup(context)
+    cfg, node = _node(context)
     pid, data, shape = node.partition_id, node.data, node.input_shape
     model, masks, version, structure = _sparse_view(msg, context, cfg, shape,
                                                     node.num_classes)
