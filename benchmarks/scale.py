@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from fl.config import build  # noqa: E402
 from fl.results import read_rounds  # noqa: E402
-from fl.runtime import CONNECTION, SimulationRuntime, _bin, _toml_value  # noqa: E402
+from fl.runtime import CONNECTION, SimulationRuntime, _bin, _toml_value, descendants  # noqa: E402
 
 PLAIN_APP = ROOT / "benchmarks" / "plain_flower"
 EXAMPLES_PER_CLIENT = 180
@@ -87,17 +87,26 @@ def make_data(num_clients: int, path: Path) -> int:
 
 
 # --- memory sampling ----------------------------------------------------------------
-def _marked_pids(mark: str) -> list[int]:
+def _run_pids(mark: str) -> set[int]:
+    """The processes of the run being measured: those carrying the mark, and every
+    descendant of this process (the run's processes are its only children then).
+
+    The mark alone misses some: Ray's dashboard and runtime-env agents (about 190
+    MB together) rewrite their process title over the memory that
+    /proc/PID/environ shows, after which the mark cannot be read there; sampled by
+    mark only, they dropped out of some runs and not others.
+    """
     needle = f"{MARK}={mark}".encode()
     me = os.getpid()
-    out = []
+    out = set(descendants(me))
     for e in os.listdir("/proc"):
         if e.isdigit() and int(e) != me:
             try:
                 if needle in Path(f"/proc/{e}/environ").read_bytes().split(b"\0"):
-                    out.append(int(e))
+                    out.add(int(e))
             except OSError:
                 pass
+    out.discard(me)
     return out
 
 
@@ -120,7 +129,7 @@ def _mem(pid: int) -> tuple[str, int, int] | None:
 
 
 class MemorySampler(threading.Thread):
-    """Samples the summed RSS/PSS of the marked processes; keeps the peaks."""
+    """Samples the summed RSS/PSS of the run's processes (:func:`_run_pids`); keeps the peaks."""
 
     def __init__(self, mark: str, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -134,7 +143,7 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            mems = [m for p in _marked_pids(self.mark) if (m := _mem(p))]
+            mems = [m for p in _run_pids(self.mark) if (m := _mem(p))]
             rss, pss = sum(m[1] for m in mems), sum(m[2] for m in mems)
             self.timeline.append((round(time.perf_counter() - self.t0, 2), rss))
             if rss > self.peak_rss:
