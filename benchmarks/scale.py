@@ -28,15 +28,19 @@ records; plain Flower: time between the end of successive evaluations, the
 same span), steady-state seconds per round (mean of rounds 2..R: round 1 also
 warms the Ray actors), wall seconds of the whole run, and peak memory of every
 process the run started (SuperLink, SuperExec, ServerApp, simulation, Ray's
-GCS/raylet and its workers; found by an environment marker every child
-inherits, sampled from /proc every 0.2 s): the peak of the summed RSS (what
+GCS/raylet, its agents and its workers; found by an environment marker every
+child inherits and as descendants of this process, sampled from /proc every
+0.2 s): the peak of the summed RSS (what
 the issue asks; shared pages count once per process) and of the summed PSS
 (shared pages split; closer to the real footprint). Results go to
 benchmarks/results/scale-cpu.json with the machine, versions and ratios
 Bonsai / plain Flower. With ``--repeat K`` each size runs the two systems K
 times, alternating (load that drifts hits both); seconds per round is then the
 median and memory the maximum over the runs, and every run is kept in the JSON
-with the machine's 1-minute load average before and after it.
+with the machine's 1-minute load average before and after it. Bonsai's runs
+also record ``discovery_seconds`` (from its summary.json): the query that asks
+every node its partition id before round 1, which plain Flower's random node
+sampling does not need.
 """
 
 from __future__ import annotations
