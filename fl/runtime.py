@@ -177,11 +177,12 @@ class Orphans:
     Linux hands an orphan to init, out of reach of a walk down from our PIDs, and
     the environment marker does not always find it: Ray's dashboard and runtime-env
     agents, orphaned when their raylet dies first, rewrite their process title over
-    the memory that /proc/PID/environ shows (seen: 3 of 6 Ctrl-C runs left both
-    alive, with none of our variables readable). Made a child subreaper (``prctl``
-    PR_SET_CHILD_SUBREAPER), this process inherits such orphans instead, so
-    :meth:`end` can kill every descendant that appeared since :meth:`__init__` and
-    reap the ones that became our children. Linux only; elsewhere a no-op.
+    the memory that /proc/PID/environ shows (seen after Ctrl-C: both alive, none of
+    our variables readable; tests/test_simulation.py catches them). Made a child
+    subreaper (``prctl`` PR_SET_CHILD_SUBREAPER), this process inherits such
+    orphans instead, so :meth:`end` can kill every descendant that appeared since
+    :meth:`__init__` and reap the ones that became our children. Linux only;
+    elsewhere a no-op.
     """
 
     def __init__(self) -> None:
@@ -332,7 +333,7 @@ class SimulationRuntime(ProcessContext):
         """End every process this runtime started (SIGTERM, SIGKILL after ``grace``
         s), then remove its temp dirs. A second call does nothing.
 
-        Ray takes 3-5 s to act on SIGTERM; ``grace=0`` kills at once, for when
+        Ray takes seconds to act on SIGTERM; ``grace=0`` kills at once, for when
         the run's results are already on disk.
         """
         for proc in self.children:

@@ -28,7 +28,6 @@ BIG = 1_000_003  # 1M + 3: only for the cheap streaming kernels
 BACKENDS = ["torch", "triton"]
 
 
-_gen = generator
 pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
@@ -91,7 +90,7 @@ def obvious_kth(x: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("n", [*SIZES, 8, 9, 64, 65, BIG])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
 def test_pack_unpack_matches_obvious(backend: str, n: int, dtype: torch.dtype) -> None:
-    mask = (torch.rand(n, generator=_gen(n)) < 0.37).to(dtype)
+    mask = (torch.rand(n, generator=generator(n)) < 0.37).to(dtype)
     packed = K.pack_bits(mask, backend=backend)
     assert_exact(packed, obvious_pack_bits(mask), f"pack_bits n={n}")
     assert_exact(K.unpack_bits(packed, n, backend=backend), mask.bool(), f"unpack_bits n={n}")
@@ -119,7 +118,7 @@ def test_pack_unpack_round_trip(bits: list[bool], backend: str) -> None:
 @pytest.mark.parametrize("n", [*SIZES, BIG])
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_gather_scatter_match_obvious(backend: str, n: int, density: float) -> None:
-    g = _gen(n)
+    g = generator(n)
     values = torch.randn(n, generator=g)
     mask = torch.rand(n, generator=g) < density
     kept = K.gather_kept(values, mask, backend=backend)
@@ -131,7 +130,7 @@ def test_gather_scatter_match_obvious(backend: str, n: int, density: float) -> N
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32, torch.float64])
 def test_gather_scatter_dtypes_and_shapes(backend: str, dtype: torch.dtype) -> None:
-    g = _gen(7)
+    g = generator(7)
     values = (torch.randn(33, 31, generator=g) * 100).to(dtype)
     mask = (torch.rand(33, 31, generator=g) < 0.5).to(torch.uint8)
     kept = K.gather_kept(values, mask, backend=backend)
@@ -160,7 +159,7 @@ def test_gather_scatter_round_trip(data: list[tuple[float, bool]], backend: str)
 @pytest.mark.parametrize(  # every size with two block sizes; one big case is enough
     ("n", "block"), [(n, b) for n in SIZES for b in (256, 100)] + [(BIG, 256)])
 def test_quantize_matches_obvious_and_bound(backend: str, n: int, block: int) -> None:
-    x = torch.randn(n, generator=_gen(n)) * torch.logspace(-3, 3, n)
+    x = torch.randn(n, generator=generator(n)) * torch.logspace(-3, 3, n)
     x[: min(n, block)] = 0.0 if n > 2 * block else x[: min(n, block)]  # an all-zero block
     q, scales = K.quantize_int8_blocks(x, block, backend=backend)
     q_obv, s_obv = obvious_quantize(x, block)
@@ -179,7 +178,7 @@ def test_quantize_matches_obvious_and_bound(backend: str, n: int, block: int) ->
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quantize_half_inputs(dtype: torch.dtype) -> None:
-    x = torch.randn(1025, generator=_gen(3)).to(dtype)
+    x = torch.randn(1025, generator=generator(3)).to(dtype)
     ref = K.quantize_int8_blocks(x, backend="torch")
     tri = K.quantize_int8_blocks(x, backend="triton")
     assert_exact(tri[0], ref[0], "codes")
@@ -203,7 +202,7 @@ SQ_DEV_TOL = [
 def test_sq_dev_accumulate(
     backend: str, n: int, dtype: torch.dtype, atol: float, rtol: float
 ) -> None:
-    g = _gen(n)
+    g = generator(n)
     acc = torch.rand(n, generator=g)
     a, b = torch.randn(n, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
     expected = obvious_sq_dev(acc, a, b, 0.37)
@@ -233,7 +232,7 @@ def test_segment_minmax(backend: str, layout: str, dtype: torch.dtype) -> None:
     lengths = SEGMENTS[layout]
     offsets = _offsets(lengths)
     n = int(offsets[-1])
-    x = (torch.randn(n, generator=_gen(n)) * 5).to(dtype)
+    x = (torch.randn(n, generator=generator(n)) * 5).to(dtype)
     if layout == "many":
         x[offsets[3] : offsets[4]] = 2.5  # a constant segment -> all 1.0
     out = K.segment_minmax_normalize(x, offsets, backend=backend)
@@ -247,7 +246,7 @@ def test_segment_minmax(backend: str, layout: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [*SIZES, BIG])
 def test_kth_value_exact(backend: str, n: int) -> None:
-    x = torch.randn(n, generator=_gen(n))
+    x = torch.randn(n, generator=generator(n))
     x[: n // 3] = x[n // 2]  # ties
     if n > 2:
         x[1], x[2] = -0.0, float("-inf")
@@ -258,7 +257,7 @@ def test_kth_value_exact(backend: str, n: int) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kth_value_half(backend: str, dtype: torch.dtype) -> None:
-    x = torch.randn(1025, generator=_gen(5)).to(dtype)
+    x = torch.randn(1025, generator=generator(5)).to(dtype)
     for k in (1, 500, 1025):
         assert_exact(K.kth_value(x, k, backend=backend), obvious_kth(x, k), f"{dtype} k={k}")
 
@@ -266,7 +265,7 @@ def test_kth_value_half(backend: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [*SIZES, BIG])
 def test_quantile_matches_torch_bitwise(backend: str, n: int) -> None:
-    x = torch.rand(n, generator=_gen(n)) ** 3
+    x = torch.rand(n, generator=generator(n)) ** 3
     for q in (0.0, 0.1, 0.3, 0.5, 0.9, 0.999, 1.0):
         got = K.quantile(x, q, backend=backend)
         assert_exact(got, torch.quantile(x, q), f"quantile q={q} n={n}")
@@ -274,7 +273,7 @@ def test_quantile_matches_torch_bitwise(backend: str, n: int) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantile_nan(backend: str) -> None:
-    x = torch.randn(1025, generator=_gen(1))
+    x = torch.randn(1025, generator=generator(1))
     x[17] = float("nan")
     assert torch.isnan(K.quantile(x, 0.3, backend=backend))
     assert torch.isnan(K.kth_value(x, 1025, backend=backend))
@@ -283,7 +282,7 @@ def test_quantile_nan(backend: str) -> None:
 def test_above_2_pow_24() -> None:
     """Exact where torch.quantile refuses: checked against a full sort."""
     n = 2**24 + 5
-    x = torch.rand(n, generator=_gen(24))
+    x = torch.rand(n, generator=generator(24))
     with pytest.raises(RuntimeError):
         torch.quantile(x, 0.5)
     srt = torch.sort(x).values
@@ -301,7 +300,7 @@ def test_above_2_pow_24() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [*SIZES, BIG])
 def test_threshold_mask(backend: str, n: int) -> None:
-    x = torch.randn(n, generator=_gen(n))
+    x = torch.randn(n, generator=generator(n))
     for tau in (0.1, torch.tensor(-0.5), float(x[0])):
         assert_exact(K.threshold_mask(x, tau, backend=backend), x > tau, f"tau={tau}")
     xh = x.to(torch.float16)
@@ -402,7 +401,7 @@ def test_segment_minmax_many_segments_path() -> None:
     """More segments than the per-segment loop handles: the vectorised path, same answer."""
     lengths = [3, 0, 1, 5] * 300
     offsets = _offsets(lengths)
-    x = torch.randn(int(offsets[-1]), generator=_gen(9))
+    x = torch.randn(int(offsets[-1]), generator=generator(9))
     x[offsets[2] : offsets[3]] = 1.0  # single entries are constant too
     expected = obvious_segment_minmax(x, offsets)
     for backend in BACKENDS:

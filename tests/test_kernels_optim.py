@@ -27,12 +27,11 @@ GRAD_TOL = [
 ]
 
 
-_gen = generator
 pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 def _problem(n: int, seed: int, masked: bool) -> dict[str, torch.Tensor | None]:
-    g = _gen(seed)
+    g = generator(seed)
     mask = (torch.rand(n, generator=g) < 0.6).float() if masked else None
     param = torch.randn(n, generator=g)
     if mask is not None:
@@ -154,7 +153,7 @@ def test_masked_adamw_grad_dtypes(grad_dtype: torch.dtype, atol: float, rtol: fl
 def test_several_tensors_in_one_flat_buffer_match_torch() -> None:
     """One flat step over four tensors equals torch's per-tensor SGD (reference: bitwise)."""
     shapes = [(33, 17), (5,), (1025,), (7, 3, 3, 3)]
-    g = _gen(11)
+    g = generator(11)
     params = [torch.randn(s, generator=g) for s in shapes]
     grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(STEPS)]
     torch_params = [p.clone() for p in params]
