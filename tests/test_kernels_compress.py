@@ -59,7 +59,8 @@ def obvious_scatter(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def obvious_quantize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()
     pad = torch.cat([x.float(), x.new_zeros((-n) % block).float()]).view(-1, block)
-    scale = pad.abs().max(dim=1).values / 127
+    amax = pad.abs().max(dim=1).values
+    scale = amax / amax.new_full((), 127.0)  # IEEE quotient: x / 127 multiplies on a GPU
     q = torch.where(scale[:, None] > 0, pad / scale[:, None].clamp_min(1e-45), 0).round()
     return q.to(torch.int8).view(-1)[:n], scale
 

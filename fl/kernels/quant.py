@@ -48,7 +48,10 @@ def quantize_int8_blocks_reference(
     if n % block:
         flat = torch.cat([flat, flat.new_zeros(nb * block - n)])
     rows = flat.view(nb, block)
-    scales = rows.abs().amax(dim=1) / 127.0 if n else flat.new_empty(0)
+    amax = rows.abs().amax(dim=1)
+    # divide by a 127 on the device: torch divides by a Python number on a GPU as a
+    # multiply by its reciprocal (1 ulp off the IEEE quotient the kernel computes)
+    scales = amax / amax.new_full((), 127.0) if n else flat.new_empty(0)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     q = torch.round(rows / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.view(-1)[:n], scales
