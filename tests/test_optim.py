@@ -308,6 +308,26 @@ def test_flat_views_and_replaced_grads() -> None:
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("cls", [MaskedSGD, MaskedAdamW])
+def test_padding_of_flat_buffers_stays_zero(cls: type) -> None:
+    """Flat buffers are padded to a multiple of 16 entries (vectorised Triton loads); the
+    padding never moves and never enters the clip quantile."""
+    model = _model()
+    n = sum(p.numel() for p in model.parameters())
+    assert n % 16 != 0  # the model must need padding for this test to mean anything
+    kw = dict(momentum=0.9) if cls is MaskedSGD else {}
+    opt = cls(model.parameters(), lr=0.05, weight_decay=1e-2, prox_mu=0.1, clip_quantile=0.5,
+              **kw)  # fmt: skip
+    flat = opt._flats[0]
+    assert flat.size % 16 == 0 and flat.size - n == (-n) % 16
+    _train(model, opt, _batches(4))
+    pads = [flat.param[n:], flat.grad[n:], *(s[n:] for s in flat.state.values())]
+    assert all(int((t != 0).sum()) == 0 for t in pads)
+    # no mask: the bound is the quantile of the n real gradients, not of the padding too
+    flat.grad[:n].copy_(torch.arange(1, n + 1, dtype=torch.float32))
+    assert float(opt._clip_bound(flat)) == float(torch.quantile(flat.grad[:n], 0.5))
+
+
 def test_param_groups_and_lr_scheduler() -> None:
     ref_model, our_model = _model(), _model()
 

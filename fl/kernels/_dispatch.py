@@ -110,8 +110,8 @@ def block_size(n: int, device: torch.device, gpu: int = 4096) -> int:
 
     The interpreter runs programs one after another in Python, so fewer, larger
     programs are much faster there; never larger than ``n`` rounded up to a
-    power of two. (GPU defaults are not tuned on a card: no GPU in the session
-    that wrote them.)
+    power of two. On a GPU the optimizer kernels use a measured ``gpu``
+    (``OPTIM_GPU_BLOCK``); the other kernels' defaults are not tuned on a card.
     """
     cap = gpu if device.type == "cuda" else _INTERPRETER_BLOCK
     return max(16, min(cap, 1 << max(0, (n - 1).bit_length())))

@@ -10,6 +10,11 @@ from fl.kernels._triton import tl, triton
 
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32)
+# Entries per program on a GPU. On an H200, BLOCK 1024 with Triton's default 4 warps ran
+# SGD at 102% and AdamW at 99% of a copy's bandwidth, within noise of the best of BLOCK
+# 512-4096 x 2-8 warps; AdamW fell to 42% at Triton's usual 4096. Measured by
+# benchmarks/kernels.py --sweep-launch (docs/RESULTS.md).
+OPTIM_GPU_BLOCK = 1024
 
 
 def check_param(param: object) -> torch.Tensor:

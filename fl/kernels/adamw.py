@@ -17,8 +17,11 @@ The reference writes the prepared (clipped, proximal, masked) gradient into
 a workspace row and hands the whole flat buffer to torch's own fused AdamW
 kernel (``torch._fused_adamw_``, what ``torch.optim.AdamW(fused=True)``
 runs): one pass instead of foreach's seven, and bitwise equal to
-``AdamW(fused=True)``. Where that private op is missing or fails, it runs
-torch's single-tensor op sequence instead, bitwise equal to
+``AdamW(fused=True)`` over one buffer. Over a model's separate tensors torch's
+kernel can round a few entries differently: 3 of 192,555 by 1 ulp after 20
+steps at 0.2M parameters, none at 1M (the agreement rows of
+``benchmarks/kernels.py --sizes 2e5``). Where that private op is missing or
+fails, it runs torch's single-tensor op sequence instead, bitwise equal to
 ``AdamW(foreach=False)``. (The two torch variants differ by about an ulp.)
 Measured on the 10M-entry flat buffer of benchmarks/kernels.py, 2-core
 EPYC, loaded host, best of 11: 121 ms fused vs 1003 ms op sequence.
@@ -31,6 +34,7 @@ import torch
 from fl.kernels._dispatch import block_size, use_triton
 from fl.kernels._optim_common import (
     GRAD_DTYPES,
+    OPTIM_GPU_BLOCK,
     block_offsets,
     check_clip,
     check_like,
@@ -183,13 +187,15 @@ def masked_adamw_step_triton(
     clip: float | torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     block: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Launch the fused kernel (unchecked; :func:`masked_adamw_step` checks)."""
     del workspace  # the fused kernel needs no scratch
     n = param.numel()
     if n == 0:
         return
-    block = block or block_size(n, param.device)
+    block = block or block_size(n, param.device, gpu=OPTIM_GPU_BLOCK)
+    launch = {"num_warps": num_warps} if num_warps else {}  # Triton's default (4) unless told
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     step_size, bc2_sqrt = adamw_scalars(step, lr, beta1, beta2)
@@ -201,7 +207,7 @@ def masked_adamw_step_triton(
         clip_t, n, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2,
         step_size, bc2_sqrt, eps, float(prox_mu),
         HAS_MASK=mask is not None, HAS_PROX=prox_mu != 0, HAS_CLIP=clip is not None,
-        HAS_WD=weight_decay != 0, BLOCK=block,
+        HAS_WD=weight_decay != 0, BLOCK=block, **launch,
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ import torch
 from fl.kernels._dispatch import block_size, use_triton
 from fl.kernels._optim_common import (
     GRAD_DTYPES,
+    OPTIM_GPU_BLOCK,
     block_offsets,
     check_clip,
     check_like,
@@ -150,13 +151,15 @@ def masked_sgd_step_triton(
     clip: float | torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     block: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Launch the fused kernel (unchecked; :func:`masked_sgd_step` checks)."""
     del workspace  # the fused kernel needs no scratch
     n = param.numel()
     if n == 0:
         return
-    block = block or block_size(n, param.device)
+    block = block or block_size(n, param.device, gpu=OPTIM_GPU_BLOCK)
+    launch = {"num_warps": num_warps} if num_warps else {}  # Triton's default (4) unless told
     if mask is not None and mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
     clip_t = clip_tensor(clip, param.device) if clip is not None else param
@@ -168,7 +171,7 @@ def masked_sgd_step_triton(
         clip_t, n, float(lr), float(momentum), float(weight_decay), float(prox_mu),
         HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), HAS_MASK=mask is not None,
         HAS_PROX=prox_mu != 0, HAS_CLIP=clip is not None, HAS_WD=weight_decay != 0,
-        BLOCK=block,
+        BLOCK=block, **launch,
     )  # fmt: skip
 
 
