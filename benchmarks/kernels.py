@@ -1,6 +1,7 @@
 """Step time of the masked optimizers and the compression kernels against plain torch.
 
-    python benchmarks/kernels.py [--sizes 1e6 10e6 50e6] [--repeats 7] [--device auto]
+    python benchmarks/kernels.py [--sizes 1e6 10e6 50e6] [--repeats 15] [--device auto]
+                                 [--sweep-launch]
 
 For each model size (parameters spread over the tensor shapes of a ResNet-18
 scaled in width: convolutions, normalisation vectors, a classifier), measures
@@ -11,9 +12,14 @@ side by side, interleaved, over ``--repeats`` runs:
   ``foreach=True`` unmasked, and the same followed by ``torch._foreach_mul_``
   of the masks (the obvious way to keep pruned weights at zero);
 - each compression kernel against the obvious torch code (imported from
-  tests/test_kernels_compress.py, as Liger-Kernel's benchmarks do).
+  tests/test_kernels_compress.py, as Liger-Kernel's benchmarks do);
+- agreement: how far MaskedSGD / MaskedAdamW end from torch.optim after 20
+  steps on the same gradients (all-ones mask, no options);
+- with ``--sweep-launch`` (GPU), the fused optimizer kernels at each BLOCK and
+  num_warps, and at a length that is not a multiple of 16.
 
-Ratios use the minimum over the repeats (medians are recorded too).
+Ratios use the minimum over the repeats (medians are recorded too). On a GPU
+each sample times a batch of back-to-back calls (about 2 ms) and divides.
 Targets (issue 3): on CPU the masked step within 1.10x of torch's unmasked
 foreach step; on a GPU >= 1.5x faster than foreach + mask multiply and
 >= 70% of memory bandwidth (bytes the fused kernel must move / time / peak;
@@ -42,7 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fl.kernels as K  # noqa: E402
+from fl.kernels._optim_common import OPTIM_GPU_BLOCK  # noqa: E402
 from fl.kernels._triton import HAS_TRITON  # noqa: E402
+from fl.kernels.adamw import masked_adamw_step_triton  # noqa: E402
+from fl.kernels.sgd import masked_sgd_step_triton  # noqa: E402
 from fl.optim import MaskedAdamW, MaskedSGD  # noqa: E402
 from tests.test_kernels_compress import (  # noqa: E402
     obvious_gather,
@@ -91,10 +100,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _calls_per_sample(fn: Callable[[], object], device: torch.device, target: float) -> int:
+    """How many back-to-back calls make one timed sample last about ``target`` seconds.
+
+    1 on CPU. On a GPU one call of a small step is a few microseconds, less than the
+    synchronisation around it, so a sample times a batch of calls (queued as a
+    training loop queues them) and divides.
+    """
+    if device.type != "cuda":
+        return 1
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = time.perf_counter() - start
+    return max(1, min(1000, int(target / max(once, 1e-7))))
+
+
 def _interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 2
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    warmup: int = 2,
+    target: float = 2e-3,
 ) -> dict[str, dict[str, float]]:
-    """Min and median seconds of each function, run round-robin so load drifts hit all alike.
+    """Min and median seconds per call of each function, run round-robin so load drifts
+    hit all alike.
 
     Ratios are taken of the minima: on a shared host other processes only ever add
     time, so the minimum is the least noisy estimate of a function's own cost.
@@ -102,15 +133,20 @@ def _interleaved(
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    calls = {name: _calls_per_sample(fn, device, target) for name, fn in fns.items()}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
-            fn()
+            for _ in range(calls[name]):
+                fn()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
+            times[name].append((time.perf_counter() - start) / calls[name])
+    return {
+        k: {"min": min(v), "median": statistics.median(v), "calls_per_sample": calls[k]}
+        for k, v in times.items()
+    }
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
@@ -170,7 +206,7 @@ def bench_optimizers(shapes, device, repeats) -> list[dict]:  # noqa: ANN001
                 torch._foreach_mul_(ref_params, fmasks)
 
         fns = {"torch": ref_step, "torch+mask": ref_mask_step, "masked": ours.step}
-        if kind == "AdamW" and device.type == "cpu":
+        if kind == "AdamW":
             fused_params = [torch.nn.Parameter(p.detach().clone()) for p in ref_params]
             for fp, rp in zip(fused_params, ref_params, strict=True):
                 fp.grad = rp.grad.clone()
@@ -198,6 +234,110 @@ def bench_optimizers(shapes, device, repeats) -> list[dict]:  # noqa: ANN001
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in fp32 units in the last place between same-signed entries
+    (their bit patterns as integers differ by that many representable values)."""
+    ia, ib = a.view(torch.int32).long(), b.view(torch.int32).long()
+    ia = torch.where(ia < 0, -(ia & 0x7FFFFFFF), ia)  # sign-magnitude to a monotone line
+    ib = torch.where(ib < 0, -(ib & 0x7FFFFFFF), ib)
+    return int((ia - ib).abs().max()) if a.numel() else 0
+
+
+def agreement(shapes, device, steps: int = 20) -> list[dict]:  # noqa: ANN001
+    """How far MaskedSGD / MaskedAdamW (all-ones mask, options off, default backend)
+    end from torch.optim after ``steps`` steps on the same gradients, per torch variant:
+    entries that differ, the largest difference in ulps and in absolute value."""
+    g = torch.Generator(device="cpu").manual_seed(3)
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(steps)]
+    cases = [
+        ("SGD", dict(lr=1e-2, momentum=0.9, weight_decay=5e-4), MaskedSGD, torch.optim.SGD,
+         ["foreach", "single-tensor"]),
+        ("AdamW", dict(lr=1e-3, weight_decay=1e-2), MaskedAdamW, torch.optim.AdamW,
+         ["foreach", "single-tensor", "fused"]),
+    ]  # fmt: skip
+    rows = []
+    for name, hyper, ours_cls, torch_cls, variants in cases:
+        models = {v: [torch.nn.Parameter(p.clone().to(device)) for p in start] for v in variants}
+        mine = [torch.nn.Parameter(p.clone().to(device)) for p in start]
+        opts = {
+            v: torch_cls(ps, foreach=v == "foreach", **({"fused": True} if v == "fused" else {}),
+                         **hyper)
+            for v, ps in models.items()
+        }  # fmt: skip
+        ours = ours_cls(mine, masks=[torch.ones(s, dtype=torch.bool, device=device)
+                                     for s in shapes], **hyper)  # fmt: skip
+        for step_grads in grads:
+            for ps in [*models.values(), mine]:
+                for p, gr in zip(ps, step_grads, strict=True):
+                    if p.grad is None:
+                        p.grad = gr.to(device)
+                    else:
+                        p.grad.copy_(gr)
+            for opt in [*opts.values(), ours]:
+                opt.step()
+        flat_mine = torch.cat([p.detach().reshape(-1) for p in mine])
+        for v, ps in models.items():
+            flat_ref = torch.cat([p.detach().reshape(-1) for p in ps])
+            rows.append({
+                "op": f"agreement Masked{name}", "vs": f"torch.optim.{name} {v}",
+                "steps": steps, "numel": flat_ref.numel(),
+                "backend": "triton" if ours._flats[0].triton else "torch reference",
+                "entries_differing": int((flat_mine != flat_ref).sum()),
+                "max_ulps": _ulps(flat_mine, flat_ref),
+                "max_abs": float((flat_mine - flat_ref).abs().max()),
+            })  # fmt: skip
+    return rows
+
+
+def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None) -> list[dict]:
+    """The fused optimizer kernels at each (BLOCK, num_warps): what the GPU default
+    (fl.kernels._dispatch.block_size) should be. One flat buffer of ``n`` entries,
+    50%-dense uint8 mask, SGD with momentum and decay, AdamW with decay."""
+    g = torch.Generator(device="cpu").manual_seed(2)
+    param = torch.randn(n, generator=g).to(device)
+    grad = (torch.randn(n, generator=g) * 1e-3).to(device)
+    mask = (torch.rand(n, generator=g) < 0.5).to(device).view(torch.uint8)
+    s1, s2 = torch.zeros_like(param), torch.zeros_like(param)
+    kernels = {
+        "sgd": (4 * 5 + 1, lambda **k: masked_sgd_step_triton(
+            param, grad, s1, mask, lr=1e-3, momentum=0.9, weight_decay=5e-4, **k)),
+        "adamw": (4 * 7 + 1, lambda **k: masked_adamw_step_triton(
+            param, grad, s1, s2, mask, step=1, lr=1e-3, weight_decay=1e-2, **k)),
+    }  # fmt: skip
+    rows = []
+    for name, (bytes_per_entry, step) in kernels.items():
+        fns = {
+            (block, warps): (lambda b=block, w=warps, step=step: step(block=b, num_warps=w))
+            for block in (512, 1024, 2048, 4096)
+            for warps in (2, 4, 8)
+        }
+        stats = _interleaved(fns, repeats, device)
+        for (block, warps), st in stats.items():
+            gbps = bytes_per_entry * n / st["min"] / 1e9
+            rows.append({
+                "op": f"sweep {name}", "numel": n, "block": block, "num_warps": warps,
+                "seconds_min": st["min"], "gb_per_s": gbps,
+                "bandwidth_fraction": gbps * 1e9 / peak if peak else None,
+            })  # fmt: skip
+    # the same SGD step over n - 2 entries (n % 16 = 14): what fl.optim's padding of its
+    # flat buffers to a multiple of 16 avoids (Triton cannot vectorise the bounds mask)
+    odd = n - 2
+    st = _interleaved(
+        {"odd": lambda: masked_sgd_step_triton(
+            param[:odd], grad[:odd], s1[:odd], mask[:odd], lr=1e-3, momentum=0.9,
+            weight_decay=5e-4)},
+        repeats, device,
+    )["odd"]  # fmt: skip
+    gbps = (4 * 5 + 1) * odd / st["min"] / 1e9
+    rows.append({
+        "op": "sweep sgd n%16=14", "numel": odd, "block": OPTIM_GPU_BLOCK, "num_warps": 4,
+        "seconds_min": st["min"], "gb_per_s": gbps,
+        "bandwidth_fraction": gbps * 1e9 / peak if peak else None,
+    })  # fmt: skip
     return rows
 
 
@@ -312,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--skip-compression", action="store_true")
+    parser.add_argument(
+        "--sweep-launch",
+        action="store_true",
+        help="GPU: also time the optimizer kernels at each BLOCK/num_warps",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file to append to")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -363,6 +508,23 @@ def main(argv: list[str] | None = None) -> int:
                 )
             rows += comp_rows
         gc.collect()
+
+    for r in agreement(shapes_for(int(min(args.sizes))), device):
+        print(f"{r['op']:<24} vs {r['vs']:<32} {r['steps']} steps, {r['backend']}:"
+              f" {r['entries_differing']} of {r['numel']} entries differ,"
+              f" max {r['max_ulps']} ulp, max abs {r['max_abs']:.3g}")  # fmt: skip
+        rows.append(r)
+    if args.sweep_launch:
+        if device.type != "cuda":
+            parser.error("--sweep-launch needs a GPU (Triton kernels are timed compiled)")
+        sweep = sweep_launch(int(max(args.sizes)), device, args.repeats, peak)
+        for r in sweep:
+            frac = f" = {r['bandwidth_fraction']:.0%} peak" if r["bandwidth_fraction"] else ""
+            print(
+                f"{r['op']:<22} n={r['numel']} BLOCK {r['block']:>5} warps {r['num_warps']:>2}"
+                f"  {r['seconds_min'] * 1e3:8.3f} ms  {r['gb_per_s']:6.0f} GB/s{frac}"
+            )
+        rows += sweep
 
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
