@@ -11,8 +11,8 @@ from fl.kernels._triton import tl, triton
 GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32)
 # Entries per program on a GPU. On an H200, BLOCK 1024 with Triton's default 4 warps ran
-# SGD at 102% and AdamW at 99% of a copy's bandwidth, within noise of the best of BLOCK
-# 512-4096 x 2-8 warps; AdamW fell to 42% at Triton's usual 4096. Measured by
+# SGD at 96% and AdamW at 95% of a copy's bandwidth, within noise of the best of BLOCK
+# 512-4096 x 2-8 warps; AdamW fell to 40% at Triton's usual 4096. Measured by
 # benchmarks/kernels.py --sweep-launch (docs/RESULTS.md).
 OPTIM_GPU_BLOCK = 1024
 
@@ -107,5 +107,5 @@ def load_direction(
         d = tl.minimum(tl.maximum(d, -c), c)
     if HAS_PROX:
         a = tl.load(anchor_ptr + offs, mask=inb, other=0.0)
-        d = d + prox_mu * (w - a)
+        d = tl.fma(w - a, prox_mu, d)  # torch.add(d, w - a, alpha=mu): one rounding
     return d

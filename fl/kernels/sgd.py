@@ -15,7 +15,11 @@ plain step. Pruned entries stay exactly 0 because :class:`fl.optim.MaskedSGD`
 zeroes them (and their momentum) when the mask is set and no update reaches
 them afterwards. With no options the op order is torch.optim.SGD's (momentum
 buffer starts at 0, so the first step equals torch's clone), and the
-reference matches it bitwise on CPU. ``g`` may be fp16/bf16; maths is fp32.
+reference matches it bitwise. The Triton kernel rounds as those torch ops do:
+an explicit fused multiply-add where torch adds with an alpha (``add(x, y,
+alpha=a)``), two roundings for ``mul_`` then ``add_``, with the compiler's own
+fusion off, so it too matches bitwise (tests/test_kernels_optim.py, on the
+interpreter and on a GPU). ``g`` may be fp16/bf16; maths is fp32.
 
 The reference runs the same torch ops as torch.optim.SGD on one flat buffer,
 writing temporaries into a caller-owned ``workspace`` instead of allocating
@@ -120,8 +124,10 @@ def _masked_sgd_kernel(
     offs, inb = block_offsets(n, BLOCK)
     w = tl.load(w_ptr + offs, mask=inb, other=0.0)
     d = load_direction(w, g_ptr, anchor_ptr, clip_ptr, offs, inb, prox_mu, HAS_PROX, HAS_CLIP)
+    # Rounded as torch's ops round (the launch turns the compiler's own fusion off): one
+    # fused multiply-add where torch adds with an alpha, two roundings for mul_ then add_
     if HAS_WD:
-        d = d + weight_decay * w
+        d = tl.fma(w, weight_decay, d)
     if HAS_MASK:
         d = d * tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
     if HAS_MOMENTUM:
@@ -129,10 +135,10 @@ def _masked_sgd_kernel(
         b = b * momentum + d
         tl.store(buf_ptr + offs, b, mask=inb)
         if NESTEROV:
-            d = d + momentum * b
+            d = tl.fma(b, momentum, d)
         else:
             d = b
-    w = w + (-lr) * d
+    w = tl.fma(d, -lr, w)
     tl.store(w_ptr + offs, w, mask=inb)
 
 
@@ -171,7 +177,7 @@ def masked_sgd_step_triton(
         clip_t, n, float(lr), float(momentum), float(weight_decay), float(prox_mu),
         HAS_MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), HAS_MASK=mask is not None,
         HAS_PROX=prox_mu != 0, HAS_CLIP=clip is not None, HAS_WD=weight_decay != 0,
-        BLOCK=block, **launch,
+        BLOCK=block, enable_fp_fusion=False, **launch,
     )  # fmt: skip
 
 
