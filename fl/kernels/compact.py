@@ -43,8 +43,8 @@ def scatter_kept_reference(kept: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 def _count_kernel(mask_ptr, counts_ptr, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = tl.load(mask_ptr + offs, mask=offs < n, other=0).to(tl.int64)
-    tl.store(counts_ptr + pid, tl.sum(m, axis=0))
+    m = tl.load(mask_ptr + offs, mask=offs < n, other=0).to(tl.int32)
+    tl.store(counts_ptr + pid, tl.sum(m, axis=0).to(tl.int64))
 
 
 @triton.jit
@@ -52,8 +52,8 @@ def _gather_kernel(values_ptr, mask_ptr, base_ptr, out_ptr, n, BLOCK: tl.constex
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inb = offs < n
-    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.int64)
-    dst = tl.load(base_ptr + pid) + tl.cumsum(m, axis=0) - m
+    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.int32)  # in-block sums fit 32 bits
+    dst = tl.load(base_ptr + pid) + (tl.cumsum(m, axis=0) - m).to(tl.int64)
     v = tl.load(values_ptr + offs, mask=inb)
     tl.store(out_ptr + dst, v, mask=inb & (m != 0))
 
@@ -63,8 +63,8 @@ def _scatter_kernel(kept_ptr, mask_ptr, base_ptr, out_ptr, n, BLOCK: tl.constexp
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inb = offs < n
-    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.int64)
-    src = tl.load(base_ptr + pid) + tl.cumsum(m, axis=0) - m
+    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.int32)
+    src = tl.load(base_ptr + pid) + (tl.cumsum(m, axis=0) - m).to(tl.int64)
     keep = inb & (m != 0)
     v = tl.load(kept_ptr + src, mask=keep, other=0)
     tl.store(out_ptr + offs, v, mask=inb)

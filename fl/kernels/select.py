@@ -69,13 +69,22 @@ def quantile_reference(x: torch.Tensor, q: float) -> torch.Tensor:
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, tau_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _threshold_kernel(
+    x_ptr, out_ptr, tau_ptr, tau, n_body, n, TAU_PTR: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """``out = x > tau`` over a body of ``n_body`` entries (a multiple of 16, so Triton
+    vectorises the bounds-checked loads and byte stores) and, in program 0, the tail."""
     pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(tau_ptr) if TAU_PTR else tau
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    inb = offs < n
+    inb = offs < n_body
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    tau = tl.load(tau_ptr)
-    tl.store(out_ptr + offs, (x > tau).to(tl.uint8), mask=inb)
+    tl.store(out_ptr + offs, (x > t).to(tl.uint8), mask=inb)
+    if pid == 0:  # (new names: a Triton variable keeps its shape across an if)
+        tail = n_body + tl.arange(0, 16).to(tl.int64)
+        tail_in = tail < n
+        x_tail = tl.load(x_ptr + tail, mask=tail_in, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tail, (x_tail > t).to(tl.uint8), mask=tail_in)
 
 
 @triton.jit
@@ -127,13 +136,19 @@ def _kth_value_triton(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32, device=x.device).to(x.dtype)
 
 
-def _threshold_triton(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+def _threshold_triton(x: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """``tau``: a 1-element fp32 tensor on ``x``'s device, or a float already rounded to
+    ``x``'s dtype (passed by value: no copy to the device)."""
     out = torch.empty(x.shape, dtype=torch.bool, device=x.device)
     n = x.numel()
     if n:
-        bs = block_size(n, x.device)
-        grid = (triton.cdiv(n, bs),)
-        _threshold_kernel[grid](x.reshape(-1), tau, out.view(torch.uint8), n, BLOCK=bs)
+        body = n - n % 16
+        bs = block_size(max(body, 1), x.device)
+        is_ptr = isinstance(tau, torch.Tensor)
+        _threshold_kernel[(max(1, triton.cdiv(body, bs)),)](
+            x.reshape(-1), out.view(torch.uint8).reshape(-1), tau if is_ptr else x,
+            0.0 if is_ptr else tau, body, n, TAU_PTR=is_ptr, BLOCK=bs,
+        )  # fmt: skip
     return out
 
 
@@ -198,7 +213,10 @@ def threshold_mask(
     if use_triton(backend, x.device):
         if x.dtype not in _TRITON_DTYPES:
             raise ValueError(f"x: the Triton kernel takes {_TRITON_DTYPES}, got {x.dtype}")
-        tau_t = torch.as_tensor(tau).to(device=x.device).reshape(1).to(x.dtype).float()
+        if isinstance(tau, torch.Tensor):
+            tau_t = tau.to(device=x.device).reshape(1).to(x.dtype).float()
+        else:  # rounded to x's dtype here, on the host
+            tau_t = float(torch.tensor(float(tau), dtype=x.dtype))
         return _threshold_triton(x, tau_t)
     if isinstance(tau, torch.Tensor):
         tau = tau.reshape(()).to(x.device)
