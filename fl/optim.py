@@ -61,8 +61,8 @@ class _Flat:
         self.n = bounds[-1]  # entries that belong to parameters
         # Every buffer is padded with zeros (mask 0) to a multiple of 16 entries: Triton
         # vectorises the bounds-checked loads of a kernel only when the length is such a
-        # multiple (the SGD step over 50M entries on an H200: 84% of copy bandwidth with
-        # n % 16 = 14, 102% with 0; benchmarks/kernels.py --sweep-launch). A zero entry
+        # multiple (the SGD step over 50M entries on an H200: 79% of copy bandwidth with
+        # n % 16 = 14, 96% with 0; benchmarks/kernels.py --sweep-launch). A zero entry
         # with no gradient stays zero under every option of both optimizers.
         self.size = -(-self.n // 16) * 16
         self.param = self.zeros()
