@@ -7,9 +7,11 @@
 # 1. the kernel tests with their tensors on the GPU and the Triton kernels compiled
 #    (BONSAI_TEST_DEVICE=cuda, TRITON_INTERPRET=0): each kernel against its reference;
 # 2. benchmarks/kernels.py --device cuda --sweep-launch: step times, ratios, bandwidth,
-#    agreement with torch.optim and the BLOCK/num_warps sweep, as JSON.
-# Writes $OUT/gpu-tests.log, $OUT/kernels-cuda.log and $OUT/kernels-cuda.json; copy the
-# JSON to benchmarks/results/ (the record names the card).
+#    agreement with torch.optim and the BLOCK/num_warps sweep, as JSON;
+# 3. benchmarks/train_step.py --device cuda: epochs of local training, fused masked
+#    optimizer against torch's optimizer plus a mask multiply, as JSON.
+# Writes $OUT/gpu-tests.log, $OUT/kernels-cuda.{log,json} and $OUT/train-cuda.{log,json};
+# copy the JSON to benchmarks/results/ (each record names the card).
 set -uo pipefail
 OUT=${OUT:-/tmp/bonsai-gpu-check}
 mkdir -p "$OUT"
@@ -30,5 +32,10 @@ echo "gpu_check: benchmark start $(date +%T)"
 timeout "${BENCH_SECONDS:-240}" python3 benchmarks/kernels.py --device cuda --sweep-launch \
   --out "$OUT/kernels-cuda.json" 2>&1 | tee "$OUT/kernels-cuda.log"
 bench_rc=${PIPESTATUS[0]}
-echo "gpu_check: tests exit $tests_rc, benchmark exit $bench_rc, end $(date +%T)"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "gpu_check: training benchmark start $(date +%T)"
+timeout "${TRAIN_SECONDS:-180}" python3 benchmarks/train_step.py --device cuda \
+  --widths 16 64 128 --out "$OUT/train-cuda.json" 2>&1 | tee "$OUT/train-cuda.log"
+train_rc=${PIPESTATUS[0]}
+echo "gpu_check: tests exit $tests_rc, kernel benchmark exit $bench_rc," \
+  "training benchmark exit $train_rc, end $(date +%T)"
+exit $(( tests_rc != 0 || bench_rc != 0 || train_rc != 0 ))

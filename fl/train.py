@@ -87,17 +87,20 @@ def train(
     steps, last_epoch_loss = 0, 0.0
     for _ in range(cfg.local_epochs if epochs is None else epochs):
         order = torch.randperm(n, generator=gen).to(device)
-        total, count = 0.0, 0
+        # summed on the device, in float64 as a Python float would be: reading the loss
+        # each step would make the host wait for the GPU at every batch
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
             loss = margin_loss(model(x[idx]), y[idx], margin_lambda)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += loss.detach().double() * len(idx)
             count += len(idx)
             steps += 1
-        last_epoch_loss = total / count
+        last_epoch_loss = float(total) / count
     return TrainResult(last_epoch_loss, n, time.perf_counter() - t0, steps)
 
 
