@@ -445,6 +445,19 @@ def _installed(package: str) -> str | None:
         return None
 
 
+def append_record(record: dict, kind: str, device: torch.device, out: Path | None) -> Path:
+    """Append ``record`` to the JSON list in ``out``, by default
+    benchmarks/results/<kind>-<cpu or the card's name>.json."""
+    slug = "cpu" if device.type == "cpu" else record["machine"]["device"].lower().replace(" ", "-")
+    out = out or ROOT / "benchmarks" / "results" / f"{kind}-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    history = json.loads(out.read_text()) if out.exists() else []
+    history.append(record)
+    out.write_text(json.dumps(history, indent=1) + "\n")
+    print(f"# appended to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 10e6, 50e6])
@@ -533,13 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "rows": rows,
     }
-    slug = "cpu" if device.type == "cpu" else info["device"].lower().replace(" ", "-")
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=1) + "\n")
-    print(f"# appended to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    append_record(record, "kernels", device, args.out)
     return 0
 
 

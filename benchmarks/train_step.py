@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kernels import _interleaved, machine  # noqa: E402  (benchmarks/kernels.py)
+from kernels import _interleaved, append_record, machine  # noqa: E402  (benchmarks/kernels.py)
 
 import fl.train  # noqa: E402
 from fl.config import TrainConfig  # noqa: E402
@@ -141,13 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": info, "repeats": args.repeats, "rows": rows,
     }  # fmt: skip
-    slug = "cpu" if device.type == "cpu" else info["device"].lower().replace(" ", "-")
-    out = args.out or ROOT / "benchmarks" / "results" / f"train-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=1) + "\n")
-    print(f"# appended to {out}")
+    append_record(record, "train", device, args.out)
     return 0
 
 
