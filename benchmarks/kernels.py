@@ -295,7 +295,7 @@ def agreement(shapes, device, steps: int = 20) -> list[dict]:  # noqa: ANN001
 
 def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None) -> list[dict]:
     """The fused optimizer kernels at each (BLOCK, num_warps): what the GPU default
-    (fl.kernels._dispatch.block_size) should be. One flat buffer of ``n`` entries,
+    (``OPTIM_GPU_BLOCK``) should be. One flat buffer of ``n`` entries,
     50%-dense uint8 mask, SGD with momentum and decay, AdamW with decay."""
     g = torch.Generator(device="cpu").manual_seed(2)
     param = torch.randn(n, generator=g).to(device)
@@ -308,6 +308,15 @@ def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None)
         "adamw": (4 * 7 + 1, lambda **k: masked_adamw_step_triton(
             param, grad, s1, s2, mask, step=1, lr=1e-3, weight_decay=1e-2, **k)),
     }  # fmt: skip
+
+    def row(op: str, numel: int, block: int, warps: int, seconds: float, bpe: int) -> dict:
+        gbps = bpe * numel / seconds / 1e9
+        return {
+            "op": op, "numel": numel, "block": block, "num_warps": warps,
+            "seconds_min": seconds, "gb_per_s": gbps,
+            "bandwidth_fraction": gbps * 1e9 / peak if peak else None,
+        }  # fmt: skip
+
     rows = []
     for name, (bytes_per_entry, step) in kernels.items():
         fns = {
@@ -317,12 +326,7 @@ def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None)
         }
         stats = _interleaved(fns, repeats, device)
         for (block, warps), st in stats.items():
-            gbps = bytes_per_entry * n / st["min"] / 1e9
-            rows.append({
-                "op": f"sweep {name}", "numel": n, "block": block, "num_warps": warps,
-                "seconds_min": st["min"], "gb_per_s": gbps,
-                "bandwidth_fraction": gbps * 1e9 / peak if peak else None,
-            })  # fmt: skip
+            rows.append(row(f"sweep {name}", n, block, warps, st["min"], bytes_per_entry))
     # the same SGD step over n - 2 entries (n % 16 = 14): what fl.optim's padding of its
     # flat buffers to a multiple of 16 avoids (Triton cannot vectorise the bounds mask)
     odd = n - 2
@@ -332,12 +336,7 @@ def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None)
             weight_decay=5e-4)},
         repeats, device,
     )["odd"]  # fmt: skip
-    gbps = (4 * 5 + 1) * odd / st["min"] / 1e9
-    rows.append({
-        "op": "sweep sgd n%16=14", "numel": odd, "block": OPTIM_GPU_BLOCK, "num_warps": 4,
-        "seconds_min": st["min"], "gb_per_s": gbps,
-        "bandwidth_fraction": gbps * 1e9 / peak if peak else None,
-    })  # fmt: skip
+    rows.append(row("sweep sgd n%16=14", odd, OPTIM_GPU_BLOCK, 4, st["min"], 4 * 5 + 1))
     return rows
 
 
