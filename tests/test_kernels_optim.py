@@ -1,11 +1,15 @@
 """Fused optimizer kernels: Triton (under TRITON_INTERPRET=1) against the PyTorch reference.
 
 The reference uses torch's own ops in torch's order. The SGD kernel rounds as
-those ops do (an explicit fused multiply-add where torch adds with an alpha,
-compiler fusion off), so it must match bitwise, on the interpreter and on a
-GPU. The AdamW kernel orders its maths differently from torch's fused AdamW,
-hence a tolerance: a few fp32 ulps per step. Pruned entries must be exactly 0
-in both.
+those ops do on a GPU (an explicit fused multiply-add where torch adds with an
+alpha, compiler fusion off): benchmarks/gpu_check.sh records it bitwise equal to
+``torch.optim.SGD`` per card and version (benchmarks/results/kernels-*.json).
+Under the interpreter that cannot be asserted on every supported Triton: from
+Triton 3.7 on the interpreter rounds ``tl.fma`` twice (a multiply, then an add)
+while torch's CPU kernels fuse it, so each fused step can be one rounding apart.
+The tests bound that: SGD_ULPS below. The AdamW kernel orders its maths
+differently from torch's fused AdamW, hence a relative tolerance: a few fp32 ulps
+per step. Pruned entries must be exactly 0 in both.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 
 from fl.kernels.adamw import masked_adamw_step
 from fl.kernels.sgd import masked_sgd_step
-from fl.kernels.testing import assert_close, assert_exact, generator
+from fl.kernels.testing import SGD_ULPS, assert_close, assert_exact, assert_ulp, generator
 
 SIZES = [1, 1025]  # option grids: a 1-entry buffer and a masked tail past a power of two
 STEPS = 3
@@ -74,9 +78,9 @@ def test_masked_sgd_triton_matches_reference(n: int, masked: bool, opts: dict) -
     prob = _problem(n, seed=n, masked=masked)
     ref_p, ref_b = _run_sgd("torch", prob, torch.float32, opts)
     tri_p, tri_b = _run_sgd("triton", prob, torch.float32, opts)
-    assert_exact(tri_p, ref_p, f"param {opts}")
+    assert_ulp(tri_p, ref_p, SGD_ULPS["param"], f"param {opts}", floor=1.0)
     if ref_b is not None:
-        assert_exact(tri_b, ref_b, f"momentum {opts}")
+        assert_ulp(tri_b, ref_b, SGD_ULPS["momentum"], f"momentum {opts}", floor=1.0)
     if masked:
         pruned = prob["mask"] == 0
         for name, t in (("ref param", ref_p), ("triton param", tri_p)):
@@ -93,7 +97,8 @@ def test_masked_sgd_grad_and_mask_dtypes(grad_dtype: torch.dtype, mask_dtype: to
     opts = dict(momentum=0.9, nesterov=False, weight_decay=1e-2, prox_mu=0.1, clip=1.5)
     ref_p, _ = _run_sgd("torch", prob, grad_dtype, opts)
     tri_p, _ = _run_sgd("triton", prob, grad_dtype, opts)
-    assert_exact(tri_p, ref_p, f"grad {grad_dtype} mask {mask_dtype}")
+    assert_ulp(tri_p, ref_p, SGD_ULPS["param"], f"grad {grad_dtype} mask {mask_dtype}",
+               floor=1.0)
 
 
 def test_masked_sgd_big_flat_buffer() -> None:
@@ -102,8 +107,8 @@ def test_masked_sgd_big_flat_buffer() -> None:
     opts = dict(momentum=0.9, nesterov=True, weight_decay=1e-2, prox_mu=0.1, clip=1.5)
     ref_p, ref_b = _run_sgd("torch", prob, torch.float32, opts)
     tri_p, tri_b = _run_sgd("triton", prob, torch.float32, opts)
-    assert_exact(tri_p, ref_p, "param")
-    assert_exact(tri_b, ref_b, "momentum")
+    assert_ulp(tri_p, ref_p, SGD_ULPS["param"], "param", floor=1.0)
+    assert_ulp(tri_b, ref_b, SGD_ULPS["momentum"], "momentum", floor=1.0)
 
 
 ADAMW_OPTIONS = [
@@ -152,7 +157,8 @@ def test_masked_adamw_grad_dtypes(grad_dtype: torch.dtype, atol: float, rtol: fl
 
 
 def test_several_tensors_in_one_flat_buffer_match_torch() -> None:
-    """One flat step over four tensors equals torch's per-tensor SGD (reference: bitwise)."""
+    """One flat step over four tensors equals torch's per-tensor SGD: the reference
+    bitwise (torch's own ops on both sides), Triton within SGD_ULPS."""
     shapes = [(33, 17), (5,), (1025,), (7, 3, 3, 3)]
     g = generator(11)
     params = [torch.randn(s, generator=g) for s in shapes]
@@ -172,7 +178,8 @@ def test_several_tensors_in_one_flat_buffer_match_torch() -> None:
             )
     expected = torch.cat([p.reshape(-1) for p in torch_params])
     assert_exact(flat["torch"], expected, "reference vs torch.optim.SGD")
-    assert_exact(flat["triton"], expected, "triton vs torch.optim.SGD")
+    assert_ulp(flat["triton"], expected, SGD_ULPS["param"], "triton vs torch.optim.SGD",
+               floor=1.0)
 
 
 def test_bad_input_names_the_argument() -> None:

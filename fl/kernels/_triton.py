@@ -1,11 +1,13 @@
 """Triton, imported only where a kernel can run: ``import fl.kernels`` works anywhere.
 
 Triton kernels run on CUDA/ROCm tensors, or on CPU tensors under the
-interpreter (``TRITON_INTERPRET=1``, the tests). On a CPU-only build of torch
-(this machine, edge devices) neither can happen, so Triton is not imported
-there: it would cost every process about 70 MB of resident memory (every Ray
-actor of a simulation) for kernels that are never launched. The same holds
-where Triton is not installed (macOS, Windows).
+interpreter (``TRITON_INTERPRET=1``, the tests). Without a visible GPU neither
+can happen: a CPU-only build of torch (edge devices), or the CUDA build that pip
+installs by default on Linux running on a machine without a GPU (this project's
+CI, most laptops). There Triton is not imported: it would cost every process
+about 70 MB of resident memory (every Ray actor of a simulation) for kernels
+that are never launched. The same holds where Triton is not installed (macOS,
+Windows).
 
 Without Triton, ``triton.jit`` is a no-op decorator and ``tl`` a stand-in, so
 the kernel modules still import; dispatch never launches a kernel then
@@ -22,10 +24,19 @@ import torch
 
 
 def triton_can_run() -> bool:
-    """True where a Triton kernel could be launched: a GPU build of torch, or the
-    interpreter. Reads no device (no CUDA initialisation at import)."""
+    """True where a Triton kernel could be launched: the interpreter, or a GPU build of
+    torch that sees a GPU. ``torch.cuda.is_available()`` asks the driver for a device
+    count; it creates no CUDA context, so a process that forks later is unaffected."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
     gpu_build = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
-    return gpu_build or os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return gpu_build and torch.cuda.is_available()
+
+
+def _why_skipped() -> str:
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return "Triton was not imported: torch is a CPU-only build and TRITON_INTERPRET is not 1"
+    return "Triton was not imported: no GPU is visible and TRITON_INTERPRET is not 1"
 
 
 TRITON_SKIPPED = ""  #: why Triton was not imported ("" when it was)
@@ -40,8 +51,7 @@ if triton_can_run():
         TRITON_SKIPPED = "Triton is not importable"
 else:
     HAS_TRITON = False
-    TRITON_SKIPPED = ("Triton was not imported: torch is a CPU-only build and "
-                      "TRITON_INTERPRET is not 1")
+    TRITON_SKIPPED = _why_skipped()
 
 if not HAS_TRITON:
 

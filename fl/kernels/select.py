@@ -1,16 +1,19 @@
 """Thresholds and exact order statistics over a flat buffer of any size.
 
-``torch.quantile`` refuses inputs above 2**24 entries, and AutoFLIP needs the
+``torch.quantile`` refused inputs above 2**24 entries before torch 2.14, is a full
+sort (slow on a GPU), and AutoFLIP needs the
 exact global ``unstructured-ratio`` quantile of the guidance over the whole
 model (ALGORITHMS.md 1.2). ``kth_value`` is exact at any size: the reference
 is ``torch.kthvalue`` (a quickselect); the Triton version is a radix select
 over order-preserving 32-bit keys, four passes of 8 bits, each a masked
 ``tl.histogram`` of the next digit among the entries that share the prefix
 found so far. ``quantile`` takes the two order statistics around
-``q * (n - 1)`` and interpolates exactly as ``torch.quantile(...,
-interpolation='linear')`` does (rank and weight in ``x``'s dtype, then
-``lerp``), so the two agree bitwise where torch accepts the input. Above
-2**24 entries the rank is computed in float64 instead, so it stays exact.
+``q * (n - 1)`` and interpolates with ``torch.quantile(...,
+interpolation='linear')``'s rule: the rank in float64 (exact at any size),
+its fractional part as the weight in ``x``'s dtype, then ``lerp``. That is
+what torch does from 2.14 on (bitwise equal there); torch 2.13 and earlier
+round the rank to ``x``'s dtype first and refuse more than 2**24 entries, so
+the two can differ by one ulp of the result (tests/test_kernels_compress.py).
 NaN sorts last in ``kth_value`` (like torch) and makes ``quantile`` NaN.
 """
 
@@ -22,8 +25,6 @@ import torch
 
 from fl.kernels._dispatch import block_size, check_flat, check_float, check_tensor, use_triton
 from fl.kernels._triton import tl, triton
-
-_TORCH_QUANTILE_MAX = 2**24
 
 # --- PyTorch reference ---------------------------------------------------------
 
@@ -43,13 +44,11 @@ def _quantile_from(x: torch.Tensor, q: float, kth) -> torch.Tensor:  # noqa: ANN
     n = x.numel()
     if bool(torch.isnan(x).any()):
         return torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
-    rank_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    if n > _TORCH_QUANTILE_MAX:
-        rank_dtype = torch.float64
-    rank = torch.tensor(q, dtype=rank_dtype) * (n - 1)
+    # the rank in float64: exact for any n this can hold (torch >= 2.14 does the same)
+    rank = torch.tensor(q, dtype=torch.float64) * (n - 1)
     below = int(rank)  # rank >= 0: truncation is floor, like torch's toType(kLong)
     above = int(torch.ceil(rank))
-    weight = (rank - below).to(x.dtype if x.dtype == rank_dtype else torch.float32)
+    weight = (rank - below).to(x.dtype if x.dtype == torch.float64 else torch.float32)
     lo = kth(x, below + 1)
     if above == below:
         return lo
