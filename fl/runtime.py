@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
+from fl.flowerapp import write_app
+
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -43,18 +45,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def app_dir() -> Path:
-    """The checkout holding the Flower app (pyproject.toml with [tool.flwr.app])."""
-    root = Path(__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise RuntimeFailure(
-            f"cannot find the Bonsai Flower app next to {root}: install the project from its "
-            "checkout with `pip install -e .`"
-        )
-    return root
 
 
 # --- process trees -----------------------------------------------------------
@@ -277,9 +267,11 @@ class SimulationRuntime(ProcessContext):
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
                     "RAY_TMPDIR": str(self.ray_tmp), MARKER_ENV: self.marker}
         self.orphans = Orphans()
+        self.app = self.home / "app"  #: the Flower app folder given to `flwr run`
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        write_app(self.app)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
@@ -320,10 +312,10 @@ class SimulationRuntime(ProcessContext):
         fed = " ".join(f"{k}={_toml_value(v)}" for k, v in federation.items())
         log = open(self.log_dir / log_name, "ab")  # noqa: SIM115 - owned by Popen
         proc = subprocess.Popen(
-            [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
+            [_bin("flwr"), "run", str(self.app), CONNECTION, "--stream",
              "--run-config", str(run_config_toml), "--federation-config", fed],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=str(app_dir()), start_new_session=True,
+            cwd=str(self.app), start_new_session=True,
         )
         log.close()
         self.children.append(proc)

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 #: subcommand -> module with ``add_parser(sub)``; a module is imported only when needed
-SUBCOMMANDS = ("run", "validate", "keys", "sweep", "report", "deploy", "export")
+SUBCOMMANDS = ("run", "validate", "keys", "sweep", "report", "deploy", "export", "init")
 
 
 def main(argv: list[str] | None = None) -> int:

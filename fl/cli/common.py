@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
+from fl.catalog import CatalogError, resolve
 from fl.config import ConfigError, ExperimentConfig, from_flat, load, to_flat
 from fl.runtime import RuntimeFailure
 
@@ -20,10 +21,17 @@ def fail(lines: list[str] | str, code: int = USAGE_ERROR) -> int:
     return code
 
 
+#: what `bonsai run` and `bonsai deploy ...` run when no file is given (a shipped name)
+DEFAULT_EXPERIMENT = "quickstart"
+
+
 def load_or_fail(path: str | None, overrides: list[str]) -> ExperimentConfig | int:
-    """The validated config, or the exit code after printing every problem."""
+    """The validated config of a file or shipped name (fl.catalog), or the exit code
+    after printing every problem."""
     try:
-        return load(path, overrides)
+        return load(resolve(path) if path is not None else None, overrides)
+    except CatalogError as e:
+        return fail(str(e))
     except ConfigError as e:
         return fail(e.problems)
 

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomli_w
 from rich.console import Console
 
-from fl.cli.common import fail, load_or_fail
-from fl.cli.run import _nested, _print_summary, _raise_interrupt, prepare_run_dir, wait_run
-from fl.config import ExperimentConfig, to_flat
+from fl.cli.common import DEFAULT_EXPERIMENT, fail, load_or_fail
+from fl.cli.run import _print_summary, _raise_interrupt, prepare_run_dir, wait_run
+from fl.config import ExperimentConfig
 from fl.data import DataError, load_federated, load_local, node_data
 from fl.deploy.keys import (
     KeyFileError,
@@ -58,12 +57,12 @@ from fl.deploy.processes import (
     superlink_command,
     supernode_command,
 )
+from fl.flowerapp import write_app, write_run_config
 from fl.node import DATA_PATH, DEVICE, DEVICES, METRICS_PATH, NUM_CLASSES, PARTITION_ID, THREADS
 from fl.progress import watch
 from fl.results import SUMMARY_JSON
-from fl.runtime import FLOWER_ENV, MARKER_ENV, RuntimeFailure, _bin, app_dir
+from fl.runtime import FLOWER_ENV, MARKER_ENV, RuntimeFailure, _bin
 
-DEFAULT_FILE = "simulations/quickstart.yaml"
 USER_ERRORS = (KeyFileError, DeployError, DataError, ValueError)
 
 
@@ -133,20 +132,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     n.set_defaults(func=cmd_supernode)
 
     ru = dsub.add_parser("run", help="run an experiment on a running SuperLink (flwr run)")
-    ru.add_argument("file", nargs="?", default=DEFAULT_FILE)
+    ru.add_argument("file", nargs="?", default=DEFAULT_EXPERIMENT)
     ru.add_argument("--superlink", required=True, metavar="HOST:PORT")
     _tls_args(ru, server=False)
     ru.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ru.set_defaults(func=cmd_run)
 
     sp = dsub.add_parser("split", help="write one .npz per node from an experiment's partitions")
-    sp.add_argument("file", nargs="?", default=DEFAULT_FILE)
+    sp.add_argument("file", nargs="?", default=DEFAULT_EXPERIMENT)
     sp.add_argument("--out", required=True)
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(func=cmd_split)
 
     lo = dsub.add_parser("local", help="SuperLink + N SuperNodes on loopback, run an experiment")
-    lo.add_argument("file", nargs="?", default=DEFAULT_FILE)
+    lo.add_argument("file", nargs="?", default=DEFAULT_EXPERIMENT)
     lo.add_argument("--nodes", type=int, required=True, help="SuperNodes to start")
     lo.add_argument("--data", required=True, metavar="DIR", help="folder with one .npz file "
                     "or image folder per node (sorted; the first N are used)")
@@ -380,12 +379,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bonsai-run-") as home:
         (Path(home) / "config.toml").write_text(
             connection_toml("target", args.superlink, ca, insecure=args.insecure))
-        run_config = Path(home) / "run_config.toml"
-        run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
-        cmd = [_bin("flwr"), "run", str(app_dir()), "target", "--stream",
+        run_config = write_run_config(cfg, Path(home) / "run_config.toml")
+        app = write_app(Path(home) / "app")
+        cmd = [_bin("flwr"), "run", str(app), "target", "--stream",
                "--run-config", str(run_config)]
         env = {**_flower_env(os.urandom(8).hex()), "FLWR_HOME": home}
-        return _foreground("flwr-run", cmd, env, cwd=str(app_dir()))
+        return _foreground("flwr-run", cmd, env, cwd=str(app))
 
 
 # --- split --------------------------------------------------------------------------------
@@ -457,8 +456,7 @@ def run_local(cfg: ExperimentConfig, nodes: list[LocalNode], console: Console | 
     """
     console = console or Console()
     run_dir = prepare_run_dir(cfg)
-    run_config = run_dir / "run_config.toml"
-    run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
+    run_config = write_run_config(cfg, run_dir / "run_config.toml")
     summary_path = run_dir / SUMMARY_JSON
     with LocalFederation(run_dir, nodes, keys_dir=keys_dir, insecure=insecure) as fed:
         proc = fed.flwr_run(run_config)

@@ -13,21 +13,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 from rich.console import Console
 
-from fl.cli.common import check_data, fail, load_or_fail
-from fl.config import ExperimentConfig, to_flat, to_json
+from fl.cli.common import DEFAULT_EXPERIMENT, check_data, fail, load_or_fail
+from fl.config import ExperimentConfig, to_json
+from fl.flowerapp import write_run_config
 from fl.progress import human_bytes, watch
 from fl.results import STOPPING, SUMMARY_JSON
 from fl.runtime import RuntimeFailure, SimulationRuntime
 
-DEFAULT_FILE = "simulations/quickstart.yaml"
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an experiment in Flower's simulation runtime")
-    p.add_argument("file", nargs="?", default=DEFAULT_FILE, help=f"default: {DEFAULT_FILE}")
+    p.add_argument("file", nargs="?", default=DEFAULT_EXPERIMENT,
+                   help=f"an experiment file, or the name of a shipped one (default: "
+                        f"{DEFAULT_EXPERIMENT}; `bonsai init DIR` copies them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set rounds=20 --set partition.alpha=0.1")
     p.add_argument("--quiet", action="store_true", help="no live table")
@@ -35,17 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue an interrupted run from its last checkpoint (same file and "
                         "--set overrides)")
     p.set_defaults(func=run)
-
-
-def _nested(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
 
 
 def federation_config(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -82,8 +71,7 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
     """
     console = console or Console()
     run_dir = prepare_run_dir(cfg)
-    run_config = run_dir / "run_config.toml"
-    run_config.write_text(tomli_w.dumps(_nested(to_flat(cfg))))
+    run_config = write_run_config(cfg, run_dir / "run_config.toml")
     (run_dir / STOPPING).unlink(missing_ok=True)  # from an interrupted run being resumed
     summary_path = run_dir / SUMMARY_JSON
     with SimulationRuntime(run_dir) as rt:

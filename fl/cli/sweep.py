@@ -9,6 +9,7 @@ import time
 
 from rich.console import Console
 
+from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail
 from fl.runtime import RuntimeFailure
 from fl.sweep import (
@@ -25,7 +26,7 @@ from fl.sweep import (
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a study (a grid of experiments), resumable")
-    p.add_argument("file", help="study YAML file, e.g. simulations/smoke_study.yaml")
+    p.add_argument("file", help="a study file, or the name of a shipped one (e.g. smoke_study)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override an experiment key in every cell, e.g. --set rounds=2")
     p.add_argument("--dry-run", action="store_true",
@@ -42,8 +43,10 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        study = load_study(args.file, args.overrides)
+        study = load_study(resolve(args.file, "study file"), args.overrides)
         cells = expand(study)
+    except CatalogError as e:
+        return fail(str(e))
     except StudyError as e:
         return fail(e.problems)
     configs, bad = validate_cells(cells)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import yaml
 
+from fl.catalog import CatalogError, resolve
 from fl.cli.common import fail, load_or_fail
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check experiment or study files and overrides")
-    p.add_argument("files", nargs="+", help="experiment or study YAML files")
+    p.add_argument("files", nargs="+", help="experiment or study files, or shipped names")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=run)
 
@@ -41,7 +42,12 @@ def _validate_study(path: str, overrides: list[str]) -> int:
 
 def run(args: argparse.Namespace) -> int:
     code = 0
-    for f in args.files:
+    for name in args.files:
+        try:
+            f = resolve(name, "file")
+        except CatalogError as e:
+            code = fail(str(e))
+            continue
         if _is_study(f):
             code = _validate_study(f, args.overrides) or code
             continue

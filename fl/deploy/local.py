@@ -33,8 +33,9 @@ from fl.deploy.processes import (
     wait_node,
     wait_superlink,
 )
+from fl.flowerapp import write_app
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
-from fl.runtime import FLOWER_ENV, MARKER_ENV, ProcessContext, _bin, app_dir, free_port
+from fl.runtime import FLOWER_ENV, MARKER_ENV, ProcessContext, _bin, free_port
 
 __all__ = ["LocalFederation", "LocalNode", "existing_keys"]
 
@@ -187,10 +188,11 @@ class LocalFederation(ProcessContext):
 
     def flwr_run(self, run_config_toml: Path, log_name: str = "flower.log") -> subprocess.Popen:
         """Start ``flwr run APP bonsai-local --stream --run-config FILE``."""
+        app = write_app(self.home / "app")
         return self.procs.start(
-            "flwr-run", [_bin("flwr"), "run", str(app_dir()), CONNECTION, "--stream",
+            "flwr-run", [_bin("flwr"), "run", str(app), CONNECTION, "--stream",
                          "--run-config", str(run_config_toml)],
-            self.log_dir / log_name, cwd=str(app_dir()))
+            self.log_dir / log_name, cwd=str(app))
 
     def kill_node(self, name: str) -> None:
         """Crash one SuperNode (SIGKILL, with its ClientApp processes)."""
