@@ -148,7 +148,7 @@ SPAWNER = """
     else:  # like Ray's agents: no marker, own session, orphaned when we exit
         env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
         subprocess.Popen(sleep, start_new_session=True, env=env)
-        time.sleep(1.5)
+        time.sleep(3.0)  # the watcher records every 0.5 s (and may start slowly when loaded)
 """
 
 PARENT = """
@@ -161,7 +161,7 @@ PARENT = """
     procs = Processes({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)
     procs.start("tree", [sys.executable, "-c", spawner, "tree"], Path(folder) / "tree.log")
     procs.start("orphan", [sys.executable, "-c", spawner, "orphan"], Path(folder) / "o.log")
-    time.sleep(3.0)  # the orphan's parent exited: it is ours now (subreaper), unmarked
+    time.sleep(4.5)  # the orphan's parent exited: it is ours now (subreaper), unmarked
     watcher = procs.watchdog.proc.pid
     print(json.dumps({"watcher": watcher,
                       "tree": [p for p in descendants(os.getpid()) if p != watcher]}),
