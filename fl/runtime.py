@@ -6,6 +6,11 @@ FLWR_HOME, a SuperLink on free loopback ports started as our child (so we know
 its PID), a private Ray temp dir, and a teardown that ends the SuperLink and
 every process it spawned (SuperExec, the simulation, Ray) by PID, also on
 failure or Ctrl-C.
+
+The teardown runs to its end whatever signals arrive (:mod:`fl.interrupts`: a
+second Ctrl-C makes it SIGKILL at once instead of abandoning it), and a
+:class:`Watchdog` process ends the same trees and removes the temp dirs when
+this process dies without a teardown, even by SIGKILL (:mod:`fl.watchdog`).
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
+from fl import interrupts
 from fl.flowerapp import write_app
 
 FLOWER_ENV = {
@@ -40,6 +46,23 @@ class RuntimeFailure(RuntimeError):
     """The Flower runtime could not be started or the run failed."""
 
 
+class TeardownFailure(RuntimeFailure):
+    """Processes a teardown ended survived SIGKILL (hung in the kernel); the message
+    names them."""
+
+    def __init__(self, pids: Sequence[int]):
+        def name(pid: int) -> str:
+            try:
+                return Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                return "gone"
+
+        listed = ", ".join(f"{p} ({name(p)})" for p in pids)
+        super().__init__(f"{len(pids)} process(es) did not stop: {listed}; end them with "
+                         f"`kill -9 {' '.join(map(str, pids))}`")
+        self.pids = list(pids)
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:
@@ -48,9 +71,18 @@ def free_port() -> int:
 
 
 # --- process trees -----------------------------------------------------------
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session id) for every process we can read."""
-    table: dict[int, tuple[int, int]] = {}
+class Proc(NamedTuple):
+    """One process as /proc/PID/stat shows it."""
+
+    ppid: int
+    sid: int  #: session id
+    start: int  #: start time, clock ticks since boot (with the PID: an identity)
+    state: str  #: "Z": a zombie
+
+
+def proc_table() -> dict[int, Proc]:
+    """pid -> :class:`Proc` for every process we can read."""
+    table: dict[int, Proc] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -59,7 +91,7 @@ def _proc_table() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        table[int(entry)] = (int(fields[1]), int(fields[3]))
+        table[int(entry)] = Proc(int(fields[1]), int(fields[3]), int(fields[19]), fields[0])
     return table
 
 
@@ -69,18 +101,18 @@ def descendants(root: int) -> list[int]:
     Ray and Flower's SuperExec start children in new sessions; walking both the
     parent links and those sessions finds them all, by PID, never by name.
     """
-    table = _proc_table()
+    table = proc_table()
     found: set[int] = set()
     frontier = [root]
     while frontier:
         pid = frontier.pop()
-        for child, (ppid, _) in table.items():
-            if ppid == pid and child not in found:
+        for child, proc in table.items():
+            if proc.ppid == pid and child not in found:
                 found.add(child)
                 frontier.append(child)
-    sessions = {table[p][1] for p in found | {root} if p in table and table[p][1] == p}
-    for pid, (_, sid) in table.items():
-        if sid in sessions and pid not in found and pid != os.getpid():
+    sessions = {table[p].sid for p in found | {root} if p in table and table[p].sid == p}
+    for pid, proc in table.items():
+        if proc.sid in sessions and pid not in found and pid != os.getpid():
             found.add(pid)
     found.discard(root)
     return sorted(found)
@@ -100,22 +132,35 @@ def marked(marker: str) -> list[int]:
                 env = Path(f"/proc/{entry}/environ").read_bytes()
             except OSError:
                 continue
-            if needle in env.split(b"\0") and _alive(int(entry)):
+            if needle in env.split(b"\0") and alive(int(entry)):
                 found.append(int(entry))
     return sorted(found)
 
 
-def terminate_tree(root: int, grace: float = 5.0, marker: str | None = None) -> None:
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None if it is gone: with the PID,
+    an identity that a reused PID cannot fake."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def terminate_tree(root: int, grace: float = 5.0, marker: str | None = None) -> list[int]:
     """SIGTERM ``root``, its descendants and the processes carrying ``marker``; SIGKILL
     whatever is still alive after ``grace`` seconds, rescanning until none is left
-    (Ray's raylet restarts its agents while it shuts down)."""
-    terminate_trees([root], grace, marker)
+    (Ray's raylet restarts its agents while it shuts down). Returns the PIDs that
+    would not die (none, unless a process hangs in the kernel)."""
+    return terminate_trees([root], grace, marker)
 
 
-def terminate_trees(roots: Sequence[int], grace: float = 5.0, marker: str | None = None) -> None:
+def terminate_trees(roots: Sequence[int], grace: float = 5.0,
+                    marker: str | None = None) -> list[int]:
     """:func:`terminate_tree` for several trees together: one grace period for
     all of them instead of one per process. A root that already exited still has its
-    session searched (its children were started in it)."""
+    session searched (its children were started in it). The grace ends early once
+    a second Ctrl-C or SIGTERM came (:func:`fl.interrupts.hurried`)."""
 
     def members() -> set[int]:
         found: set[int] = set()
@@ -125,40 +170,41 @@ def terminate_trees(roots: Sequence[int], grace: float = 5.0, marker: str | None
         if marker:
             found.update(marked(marker))
         # children of an exited root: re-parented, but still in the root's session
-        found.update(pid for pid, (_, sid) in _proc_table().items() if sid in set(roots))
+        found.update(pid for pid, proc in proc_table().items() if proc.sid in set(roots))
         found.discard(os.getpid())
-        return {p for p in found if _alive(p)}
-
-    def send(pids: set[int], sig: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        return {p for p in found if alive(p)}
 
     termed: set[int] = set()
     deadline = time.monotonic() + grace
-    while (alive := members()) and time.monotonic() < deadline:
-        send(alive - termed, signal.SIGTERM)
-        termed |= alive
+    while ((live := members()) and time.monotonic() < deadline
+           and not interrupts.hurried()):
+        _send(live - termed, signal.SIGTERM)
+        termed |= live
         time.sleep(0.1)
-    _kill_until_quiet(members)
+    return sorted(kill_until_quiet(members))
 
 
-def _kill_until_quiet(members: Callable[[], set[int]], timeout: float = 10.0) -> None:
+def _send(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_until_quiet(members: Callable[[], set[int]], timeout: float = 10.0) -> set[int]:
     """SIGKILL ``members()`` until two scans 0.1 s apart find none: one empty scan
-    can fall in the instant a dying parent's last child is being created."""
+    can fall in the instant a dying parent's last child is being created. Returns
+    the members still alive after ``timeout`` s (none, unless one hangs in the kernel)."""
     deadline = time.monotonic() + timeout
     quiet = 0
+    live: set[int] = set()
     while quiet < 2 and time.monotonic() < deadline:
-        alive = members()
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        quiet = 0 if alive else quiet + 1
+        live = members()
+        _send(live, signal.SIGKILL)
+        quiet = 0 if live else quiet + 1
         time.sleep(0.1)
+    return set() if quiet >= 2 else {p for p in live if alive(p)}
 
 
 class Orphans:
@@ -180,22 +226,23 @@ class Orphans:
         self.enabled = self.was_subreaper or _prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
         self.before = set(descendants(os.getpid()))
 
-    def end(self, timeout: float = 10.0) -> None:
+    def end(self, timeout: float = 10.0) -> list[int]:
         """SIGKILL our descendants started since construction, reap our dead children,
-        and leave the subreaper setting as it was."""
+        and leave the subreaper setting as it was. Returns the PIDs that would not die."""
         if not self.enabled:
-            return
+            return []
         me = os.getpid()
-        _kill_until_quiet(lambda: {p for p in descendants(me)
-                                   if p not in self.before and _alive(p)}, timeout)
-        for pid, (ppid, _) in _proc_table().items():
-            if ppid == me and pid not in self.before:
+        left = kill_until_quiet(lambda: {p for p in descendants(me)
+                                         if p not in self.before and alive(p)}, timeout)
+        for pid, proc in proc_table().items():
+            if proc.ppid == me and pid not in self.before:
                 try:  # a zombie we adopted: no Popen will ever wait for it
                     os.waitpid(pid, os.WNOHANG)
                 except ChildProcessError:
                     pass
         if not self.was_subreaper:
             _prctl(PR_SET_CHILD_SUBREAPER, 0)
+        return sorted(left)
 
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
@@ -216,7 +263,8 @@ def _prctl(option: int, arg: int = 0) -> int:
     return libc.prctl(option, arg, 0, 0, 0)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -224,10 +272,70 @@ def _alive(pid: int) -> bool:
     return state[state.rindex(")") + 2] != "Z"
 
 
+# --- the watchdog ---------------------------------------------------------------
+WATCHDOG_LOG = "watchdog.log"
+
+
+class Watchdog:
+    """A watcher process that ends our process trees and removes our temp dirs when
+    this process dies without a teardown, even by SIGKILL (:mod:`fl.watchdog` is
+    its side, and says why it is built this way).
+
+    Start it before the processes it guards, :meth:`watch` their roots, and
+    :meth:`close` it after the teardown ended them: it then exits without acting.
+    """
+
+    def __init__(self, marker: str | None, remove: Sequence[str | Path] = (),
+                 log: str | Path | None = None):
+        # without the marker: no teardown of ours takes the watcher for a straggler
+        env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-m", "fl.watchdog", str(os.getpid()), marker or "",
+             str(log or ""), *map(str, remove)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
+
+    def watch(self, pids: Iterable[int]) -> None:
+        """Have the watcher end these processes' trees if we die."""
+        ids = [f"{pid}:{st}" for pid in pids if (st := start_time(pid)) is not None]
+        if ids:
+            self._send("watch " + " ".join(ids))
+
+    def close(self) -> None:
+        """The trees were ended: let the watcher exit without acting. A second call
+        does nothing."""
+        if self.proc is None:
+            return
+        self._send("done")
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def _send(self, line: str) -> None:
+        if self.proc is None or self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:  # the watcher is gone (killed by hand): nothing to tell
+            pass
+
+
 # --- the runtime --------------------------------------------------------------
 class ProcessContext:
     """A context manager over ``start()`` and ``close()``: ``close`` runs on every
-    exit, also when ``start`` fails half-way (what it started is ended)."""
+    exit, also when ``start`` fails half-way (what it started is ended).
+
+    When an interrupt is on its way and ``close`` finds survivors, the interrupt
+    goes on, carrying their account (:func:`fl.interrupts.stopped`).
+    """
 
     def start(self) -> None:
         raise NotImplementedError
@@ -238,13 +346,21 @@ class ProcessContext:
     def __enter__(self) -> Self:
         try:
             self.start()
-        except BaseException:
-            self.close()
+        except BaseException as e:
+            self._close_after(e)
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self._close_after(exc)
+
+    def _close_after(self, exc: BaseException | None) -> None:
+        try:
+            self.close()
+        except TeardownFailure as failure:
+            if isinstance(exc, KeyboardInterrupt):
+                raise KeyboardInterrupt(str(failure)) from failure
+            raise
 
 
 class SimulationRuntime(ProcessContext):
@@ -266,12 +382,17 @@ class SimulationRuntime(ProcessContext):
         self.marker = uuid.uuid4().hex
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
                     "RAY_TMPDIR": str(self.ray_tmp), MARKER_ENV: self.marker}
-        self.orphans = Orphans()
+        self.watchdog: Watchdog | None = None
+        self.orphans: Orphans | None = None
+        self.closed = False
         self.app = self.home / "app"  #: the Flower app folder given to `flwr run`
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_app(self.app)
+        self.watchdog = Watchdog(self.marker, [self.home, self.ray_tmp],
+                                 self.log_dir / WATCHDOG_LOG)
+        self.orphans = Orphans()  # after the watchdog: its end leaves the watcher alone
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
@@ -285,6 +406,7 @@ class SimulationRuntime(ProcessContext):
             start_new_session=True,
         )
         log.close()
+        self.watchdog.watch([self.superlink.pid])
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -319,31 +441,47 @@ class SimulationRuntime(ProcessContext):
         )
         log.close()
         self.children.append(proc)
+        if self.watchdog is not None:
+            self.watchdog.watch([proc.pid])
         return proc
 
     def close(self, grace: float = 5.0) -> None:
         """End every process this runtime started (SIGTERM, SIGKILL after ``grace``
-        s), then remove its temp dirs. A second call does nothing.
+        s), then remove its temp dirs and stop the watchdog. A second call does
+        nothing. Signals do not cut it short (:func:`fl.interrupts.teardown`);
+        raises TeardownFailure when a process survived.
 
         Ray takes seconds to act on SIGTERM; ``grace=0`` kills at once, for when
         the run's results are already on disk.
         """
-        for proc in self.children:
-            if proc.poll() is None:
-                terminate_tree(proc.pid, grace, marker=self.marker)
-            proc.wait(timeout=10)
-        self.children = []
-        if self.superlink is not None:
-            terminate_tree(self.superlink.pid, grace, marker=self.marker)
+        if self.closed:
+            return
+        self.closed = True
+        with interrupts.teardown():
+            left = self._end(grace)
+        if left:
+            raise TeardownFailure(left)
+
+    def _end(self, grace: float) -> list[int]:
+        procs = [*self.children, *([self.superlink] if self.superlink else [])]
+        # an unreaped root's PID (returncode None) cannot have been reused
+        roots = [p.pid for p in procs if p.returncode is None]
+        left = set(terminate_trees(roots, grace, self.marker))
+        for proc in procs:
             try:
-                self.superlink.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.superlink.kill()
-                self.superlink.wait(timeout=5)
-            self.superlink = None
-        self.orphans.end()
+                left.add(proc.pid)
+        self.children, self.superlink = [], None
+        if self.orphans is not None:
+            left.update(self.orphans.end())
+            self.orphans = None
         shutil.rmtree(self.home, ignore_errors=True)
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
+        return sorted(left)
 
 
 def _bin(name: str) -> str:

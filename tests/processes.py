@@ -7,16 +7,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK_ENV = "BONSAI_TEST_MARK"
 
 
-def bonsai(args: list[str], mark: str, **kw) -> subprocess.Popen:
-    """``python -m fl.cli ARGS`` from the repo root, marked, stdout/stderr piped."""
-    env = {**os.environ, MARK_ENV: mark}
+def bonsai(args: list[str], mark: str, env: Mapping[str, str] | None = None,
+           **kw) -> subprocess.Popen:
+    """``python -m fl.cli ARGS`` from the repo root, marked, stdout/stderr piped;
+    ``env`` adds to our environment."""
+    env = {**os.environ, **(env or {}), MARK_ENV: mark}
     return subprocess.Popen([sys.executable, "-m", "fl.cli", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 

@@ -20,8 +20,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,8 +29,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from fl import interrupts
 from fl.cli.common import DEFAULT_EXPERIMENT, fail, load_or_fail
-from fl.cli.run import _print_summary, _raise_interrupt, prepare_run_dir, wait_run
+from fl.cli.run import _print_summary, prepare_run_dir, wait_run
 from fl.config import ExperimentConfig
 from fl.data import DataError, load_federated, load_local, node_data
 from fl.deploy.keys import (
@@ -185,21 +184,22 @@ def _flower_env(marker: str | None = None) -> dict[str, str]:
     return env
 
 
-def _foreground(name: str, cmd: list[str], env: dict[str, str], cwd: str | None = None) -> int:
-    """Run a Flower process in the foreground; Ctrl-C or SIGTERM ends it and its children."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
-    procs = Processes(env, env.get(MARKER_ENV))
+def _foreground(name: str, cmd: list[str], env: dict[str, str], cwd: str | None = None,
+                remove: tuple[str, ...] = ()) -> int:
+    """Run a Flower process in the foreground; Ctrl-C or SIGTERM ends it and its children,
+    and so does a watchdog when this process is killed (then it removes ``remove``)."""
+    interrupts.install()
     # Flower's own log goes to our stdout/stderr; the process is ended by PID with its children
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                            cwd=cwd)
-    procs.procs[name] = proc
+    procs = Processes(env, env.get(MARKER_ENV), remove=remove)
     try:
-        return proc.wait()
+        try:
+            return procs.start(name, cmd, None, cwd=cwd).wait()
+        finally:
+            procs.close()
     except KeyboardInterrupt:
         return 130
-    finally:
-        procs.close()
+    except RuntimeFailure as e:  # a process survived the teardown: the message names it
+        return fail(str(e), code=1)
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise DeployError(f"--superlink: got {args.superlink!r}; expected HOST:PORT")
     except USER_ERRORS as e:
         return fail(str(e))
-    with tempfile.TemporaryDirectory(prefix="bonsai-run-") as home:
+    with tempfile.TemporaryDirectory(prefix="bonsai-run-", ignore_cleanup_errors=True) as home:
         (Path(home) / "config.toml").write_text(
             connection_toml("target", args.superlink, ca, insecure=args.insecure))
         run_config = write_run_config(cfg, Path(home) / "run_config.toml")
@@ -384,7 +384,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = [_bin("flwr"), "run", str(app), "target", "--stream",
                "--run-config", str(run_config)]
         env = {**_flower_env(os.urandom(8).hex()), "FLWR_HOME": home}
-        return _foreground("flwr-run", cmd, env, cwd=str(app))
+        return _foreground("flwr-run", cmd, env, cwd=str(app), remove=(home,))
 
 
 # --- split --------------------------------------------------------------------------------
@@ -498,14 +498,13 @@ def cmd_local(args: argparse.Namespace) -> int:
     except USER_ERRORS as e:
         return fail(str(e))
     console = Console()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
+    interrupts.install()
     t0 = time.perf_counter()
     try:
         summary = run_local(cfg, nodes, console, live=not args.quiet, keys_dir=args.keys,
                             insecure=args.insecure)
-    except KeyboardInterrupt:
-        return fail(f"interrupted; every process was stopped; partial results in {cfg.run_dir}",
+    except KeyboardInterrupt as e:
+        return fail(f"interrupted; {interrupts.stopped(e)}; partial results in {cfg.run_dir}",
                     code=130)
     except (RuntimeFailure, DeployError) as e:
         return fail(str(e), code=1)

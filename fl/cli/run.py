@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import subprocess
 import time
 from datetime import datetime
@@ -15,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fl import interrupts
 from fl.cli.common import DEFAULT_EXPERIMENT, check_data, fail, load_or_fail
 from fl.config import ExperimentConfig, to_json
 from fl.flowerapp import write_run_config
@@ -141,10 +141,6 @@ def _print_summary(console: Console, s: dict[str, Any], seconds: float) -> None:
     console.print(f"results: {s.get('run_dir')}", soft_wrap=True)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = load_or_fail(args.file, args.overrides)
     if isinstance(cfg, int):
@@ -154,10 +150,7 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             return fail(problem)
     console = Console()
-    # Ctrl-C and a kill end the run cleanly, also where the shell started us with
-    # SIGINT ignored (a background job)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
+    interrupts.install()  # Ctrl-C and SIGTERM end the run cleanly; a second one hurries
     t0 = time.perf_counter()
     try:  # the split first: a partition that cannot be made stops here, exit 2
         with console.status("preparing the dataset split and partitions"):
@@ -165,9 +158,9 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             return fail(problems)
         summary = run_simulation(cfg, console, live=not args.quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         where = f"; partial results in {cfg.run_dir}" if cfg.run_dir else ""
-        return fail(f"interrupted; every process was stopped{where}", code=130)
+        return fail(f"interrupted; {interrupts.stopped(e)}{where}", code=130)
     except RuntimeFailure as e:
         return fail(str(e), code=1)
     _print_summary(console, summary, time.perf_counter() - t0)

@@ -4,11 +4,11 @@ after another (each a Flower simulation on Ray), skipping finished ones."""
 from __future__ import annotations
 
 import argparse
-import signal
 import time
 
 from rich.console import Console
 
+from fl import interrupts
 from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail
 from fl.runtime import RuntimeFailure
@@ -35,10 +35,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-data-check", action="store_true",
                    help="skip building every cell's partitions before running")
     p.set_defaults(func=run)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,16 +76,15 @@ def run(args: argparse.Namespace) -> int:
                      for cid, d in list(stale.items())[:5]] + [
             f"{len(stale)} finished cell(s) differ from the study file; nothing was run: "
             f"delete their folders in {study.dir} or give the study a new name"])
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGINT, _raise_interrupt)
+    interrupts.install()
     from fl.cli.run import run_simulation
 
     console.print(f"study {study.name}: {len(cells)} cells -> {study.dir}", soft_wrap=True)
     t0 = time.perf_counter()
     try:
         res = run_study(study, cells, configs, run_simulation, console, live=not args.quiet)
-    except KeyboardInterrupt:
-        return fail(f"interrupted; every process was stopped; finished cells are kept in "
+    except KeyboardInterrupt as e:
+        return fail(f"interrupted; {interrupts.stopped(e)}; finished cells are kept in "
                     f"{study.dir}; rerun `bonsai sweep {args.file}` to continue", code=130)
     console.print(
         f"[bold]study {study.name}[/bold] in {time.perf_counter() - t0:.1f} s: ran "

@@ -1,6 +1,7 @@
 """A whole Flower deployment on loopback, for one run: SuperLink with TLS and node
 authentication, N SuperNodes each with its own data, registration of their keys,
-``flwr run``; everything ended by PID afterwards, also on failure or Ctrl-C.
+``flwr run``; everything ended by PID afterwards, also on failure or Ctrl-C, and
+by a watchdog process when ``bonsai`` itself is killed.
 
 This is the real deployment path (separate processes talking HTTPS on
 127.0.0.1), not the simulation runtime: what works here works across machines
@@ -10,7 +11,6 @@ with the same commands and other host names (README, Deployment).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import uuid
@@ -35,7 +35,14 @@ from fl.deploy.processes import (
 )
 from fl.flowerapp import write_app
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
-from fl.runtime import FLOWER_ENV, MARKER_ENV, ProcessContext, _bin, free_port
+from fl.runtime import (
+    FLOWER_ENV,
+    MARKER_ENV,
+    WATCHDOG_LOG,
+    ProcessContext,
+    _bin,
+    free_port,
+)
 
 __all__ = ["LocalFederation", "LocalNode", "existing_keys"]
 
@@ -119,7 +126,8 @@ class LocalFederation(ProcessContext):
         self.port = free_port()
         self.marker = uuid.uuid4().hex
         env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), MARKER_ENV: self.marker}
-        self.procs = Processes(env, self.marker)
+        self.procs = Processes(env, self.marker, remove=[self.home],
+                               log=self.log_dir / WATCHDOG_LOG)
         self.address = f"127.0.0.1:{self.port}"
         self.keys: KeySet | None = None
 
@@ -200,8 +208,6 @@ class LocalFederation(ProcessContext):
 
     def close(self, grace: float = 5.0) -> None:
         """End every process by PID (flwr run, nodes, SuperLink; SIGKILL after ``grace``
-        s), then remove the temp dir. A second call does nothing."""
-        try:
-            self.procs.close(grace)
-        finally:
-            shutil.rmtree(self.home, ignore_errors=True)
+        s), then remove the temp dir (:meth:`Processes.close`). A second call does
+        nothing."""
+        self.procs.close(grace)

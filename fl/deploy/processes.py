@@ -4,7 +4,8 @@
 Every builder is a pure function of its arguments (so tests and ``--dry-run``
 can show the exact command); :class:`Processes` starts them as our children,
 each in its own session, with the caller's environment marker, and ends them
-(and whatever they spawned) by PID through :func:`fl.runtime.terminate_tree`.
+(and whatever they spawned) by PID through :func:`fl.runtime.terminate_trees`,
+also when this process dies first (:class:`fl.runtime.Watchdog`).
 
 Flower 1.42 facts this relies on (docs/ARCHITECTURE.md, Deployment):
 - the SuperLink serves nodes, the ``flwr`` CLI and the ServerApp on one port;
@@ -16,6 +17,7 @@ Flower 1.42 facts this relies on (docs/ARCHITECTURE.md, Deployment):
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -25,7 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl.runtime import Orphans, _bin, _toml_value, terminate_tree, terminate_trees
+from fl import interrupts
+from fl.runtime import (
+    Orphans,
+    TeardownFailure,
+    Watchdog,
+    _bin,
+    _toml_value,
+    terminate_tree,
+    terminate_trees,
+)
 
 __all__ = [
     "REFUSED_EXIT_CODE",
@@ -245,25 +256,46 @@ def register_node(public_key: str | Path, connection: str, env: Mapping[str, str
 
 
 class Processes:
-    """Child processes started with one environment; ended together by PID."""
+    """Child processes started with one environment; ended together by PID.
 
-    def __init__(self, env: Mapping[str, str], marker: str | None = None):
+    From the first :meth:`start` a :class:`~fl.runtime.Watchdog` guards them: if
+    this process dies without :meth:`close`, even by SIGKILL, it ends them and
+    removes the ``remove`` folders (which :meth:`close` removes too); ``log``
+    is where it reports that.
+    """
+
+    def __init__(self, env: Mapping[str, str], marker: str | None = None,
+                 remove: Sequence[str | Path] = (), log: str | Path | None = None):
         self.env = dict(env)
         self.marker = marker
+        self.remove = [Path(p) for p in remove]
+        self.watchdog_log = log
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
-        self.orphans = Orphans()
+        self.watchdog: Watchdog | None = None
+        self.orphans: Orphans | None = None
         self.closed = False
 
-    def start(self, name: str, cmd: Sequence[str], log: Path,
+    def start(self, name: str, cmd: Sequence[str], log: Path | None,
               env: Mapping[str, str] | None = None, cwd: str | None = None) -> subprocess.Popen:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as f:
-            proc = subprocess.Popen(list(cmd), env={**self.env, **(env or {})}, stdout=f,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=cwd, start_new_session=True)
+        """Start ``cmd`` as ``name``, its output into ``log`` (None: our stdout/stderr)."""
+        if self.watchdog is None:
+            self.watchdog = Watchdog(self.marker, self.remove, self.watchdog_log)
+            self.orphans = Orphans()  # after the watchdog: its end leaves the watcher alone
+        out = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            self.logs[name] = log
+            out = open(log, "ab")  # noqa: SIM115 - closed below, the child keeps its copy
+        try:
+            proc = subprocess.Popen(list(cmd), env={**self.env, **(env or {})}, stdout=out,
+                                    stderr=subprocess.STDOUT if out else None,
+                                    stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()
         self.procs[name] = proc
-        self.logs[name] = log
+        self.watchdog.watch([proc.pid])
         return proc
 
     def kill(self, name: str) -> None:
@@ -274,18 +306,32 @@ class Processes:
 
     def close(self, grace: float = 5.0) -> None:
         """End every process and all they spawned at once (SIGTERM, then SIGKILL after
-        ``grace`` s), plus any straggler that carries the marker. A second call does
-        nothing (the PIDs may belong to other processes by then)."""
+        ``grace`` s), plus any straggler that carries the marker; remove the
+        ``remove`` folders and stop the watchdog. A second call does nothing (the
+        PIDs may belong to other processes by then). Signals do not cut it short
+        (:func:`fl.interrupts.teardown`); raises TeardownFailure when a process
+        survived."""
         if self.closed:
             return
         self.closed = True
-        terminate_trees([p.pid for p in self.procs.values()], grace, self.marker)
+        with interrupts.teardown():
+            left = self._end(grace)
+        if left:
+            raise TeardownFailure(left)
+
+    def _end(self, grace: float) -> list[int]:
+        # an unreaped root's PID (returncode None) cannot have been reused
+        roots = [p.pid for p in self.procs.values() if p.returncode is None]
+        left = set(terminate_trees(roots, grace, self.marker))
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self.orphans.end()
-
-
+                left.add(proc.pid)
+        if self.orphans is not None:
+            left.update(self.orphans.end())
+        for folder in self.remove:
+            shutil.rmtree(folder, ignore_errors=True)
+        if self.watchdog is not None:
+            self.watchdog.close()
+        return sorted(left)
