@@ -180,5 +180,5 @@ def test_resume_refuses_bad_input(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     proc = bonsai(["run", "--resume", str(tmp_path)], mark)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "is corrupted" in err
+    assert proc.returncode == 2 and "is not a valid, safe Bonsai checkpoint" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # untouched
