@@ -116,7 +116,7 @@ def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
 
     from fl.pruning import groups_for, structure_from_json, structured_mask
 
-    state = torch.load(run_dir / "final_model.pt")
+    state = torch.load(run_dir / "final_model.pt", weights_only=True)
     structure = structure_from_json((run_dir / "structure.json").read_text())
     masks = structured_mask(groups_for("cnn", (1, 8, 8), 10), structure, state, strict=False)
     for name, m in masks.items():
