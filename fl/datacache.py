@@ -11,11 +11,13 @@ and stores it here with an atomic rename; every other process reads a small
 federation starts (:func:`fl.data.prepare`).
 
 An entry is named by the SHA-256 of its key: everything its content depends on
-(the config fields, the seed, the source file's size and modification time,
-the versions of the libraries that computed it, and :data:`FORMAT`). A changed
-input is a new entry, never a stale one; an unreadable entry is computed
-again. Location: ``BONSAI_CACHE_DIR``, else ``$XDG_CACHE_HOME/bonsai``, else
-``~/.cache/bonsai``; ``BONSAI_CACHE_DIR=off`` turns the cache off.
+(the config fields, the seed, the source file's path, size and the SHA-256 of
+its whole content (:func:`file_fingerprint`), the versions of the libraries
+that computed it, and :data:`FORMAT`). A source file replaced by another, even
+one of the same size and modification time, is a new entry, never a stale one;
+an unreadable entry is computed again. Location: ``BONSAI_CACHE_DIR``, else
+``$XDG_CACHE_HOME/bonsai``, else ``~/.cache/bonsai``; ``BONSAI_CACHE_DIR=off``
+turns the cache off.
 """
 
 from __future__ import annotations
@@ -64,10 +66,18 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Absolute path, size and modification time: a rewritten file gets a new key."""
+    """Absolute path, size and the SHA-256 of the whole content: a file whose bytes
+    changed gets a new key, whatever its modification time says.
+
+    The content, not size and mtime: a file copied over with its times preserved
+    (``cp -p``, ``rsync -t``, an unpacked archive) keeps both. Hashing reads the file
+    once more in the process that loads it, which already reads and parses all of it.
+    """
     p = Path(path).expanduser().resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    with open(p, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        size = os.fstat(f.fileno()).st_size
+    return {"path": str(p), "size": size, "sha256": digest}
 
 
 def key_digest(kind: str, key: Mapping[str, Any]) -> tuple[str, str]:

@@ -5,17 +5,23 @@ A results folder (:mod:`fl.results`) holds ``config.json`` and
 it also holds ``structure.json``: group name -> kept unit indices
 (:func:`fl.pruning.structure_to_json`). :func:`export_run`
 
-1. builds the global model and applies the structure's mask (removed units are
-   zero in the global model AutoFLIP serves);
-2. builds the small model with :func:`fl.pruning.shrink_model` and loads
+1. loads the global model as saved (``weights_only=True``); AutoFLIP serves it
+   with its removed units exactly zero;
+2. checks ``structure.json`` against two sources it does not come from: the
+   weights (every unit it removes must be all zero in ``final_model.pt``, every
+   unit it keeps must not be: :func:`fl.pruning.zero_units`) and, when the run
+   left one, the strategy state in ``checkpoint.pt`` (the structure the server
+   held); a mismatch names the group and units;
+3. builds the small model with :func:`fl.pruning.shrink_model` and loads
    :func:`fl.pruning.shrink_state` of the global state: removed filters and
    neurons are gone, not zeros (without ``structure.json`` the model is exported
    as it is);
-3. saves it as TorchScript (``torch.jit.trace``) or ONNX (``torch.onnx.export``
+4. saves it as TorchScript (``torch.jit.trace``) or ONNX (``torch.onnx.export``
    with ``dynamo=False``, opset 17, a dynamic batch dimension);
-4. reloads the saved file and checks that it predicts the same classes as the
-   global model on the run's test split, and measures parameters, file size,
-   FLOPs per example (:func:`fl.pruning.count_flops`) and CPU latency.
+5. reloads the saved file and checks that it predicts the same classes on the
+   run's test split as the full global model as saved (full shapes, zeros at the
+   removed units, not rebuilt from ``structure.json``), and measures parameters,
+   file size, FLOPs per example (:func:`fl.pruning.count_flops`) and CPU latency.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import json
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,16 +39,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl.checkpoint import CHECKPOINT, CheckpointError
+from fl.checkpoint import load as load_checkpoint
 from fl.config import ConfigError, ExperimentConfig, build
 from fl.data import load_test
 from fl.models import build_model
 from fl.pruning import (
+    UnitGroup,
     count_flops,
     groups_for,
     shrink_model,
     shrink_state,
     structure_from_json,
-    structured_mask,
+    validate_structure,
+    zero_units,
 )
 
 __all__ = ["FORMATS", "ExportError", "ExportMismatch", "ExportReport", "export_run",
@@ -67,7 +77,7 @@ class GlobalModel:
     """The final global model of a run, in both views."""
 
     cfg: ExperimentConfig
-    full: nn.Module  #: full-model shapes, removed units zeroed
+    full: nn.Module  #: full-model shapes, as saved (removed units are zero: checked)
     small: nn.Module  #: physically shrunk (== full when there is no structure)
     input_shape: tuple[int, ...]
     num_classes: int
@@ -126,7 +136,15 @@ def load_global(results_dir: str | Path) -> GlobalModel:
     except Exception as e:  # noqa: BLE001 - any loader failure is one line for the user
         raise ExportError(f"cannot load the run's test data ({cfg.dataset.name}): {e}") from None
     shape, classes = test.input_shape, test.num_classes
-    state = torch.load(d / FINAL_MODEL, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(d / FINAL_MODEL, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many types on a damaged or unsafe file
+        raise ExportError(f"{d / FINAL_MODEL} is not a valid, safe PyTorch state dict (damaged, "
+                          "or it holds objects other than tensors); refused without running "
+                          "anything in it") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor)
+                                                 for v in state.values()):
+        raise ExportError(f"{d / FINAL_MODEL} is not a state dict of tensors")
     full = build_model(cfg.model, shape, classes)
     try:
         full.load_state_dict(state)
@@ -137,18 +155,72 @@ def load_global(results_dir: str | Path) -> GlobalModel:
     structured = (d / STRUCTURE_JSON).is_file()
     if structured:
         try:
-            structure = structure_from_json((d / STRUCTURE_JSON).read_text())
             groups = groups_for(cfg.model, shape, classes)
-            masks = structured_mask(groups, structure, state)
-            masked = {n: t * masks[n].to(t.dtype) if n in masks else t for n, t in state.items()}
-            full.load_state_dict(masked)
-            small = shrink_model(cfg.model, shape, classes, structure)
-            small.load_state_dict(shrink_state(masked, groups, structure))
+            structure = validate_structure(
+                structure_from_json((d / STRUCTURE_JSON).read_text()), groups)
         except (ValueError, KeyError, RuntimeError) as e:
             raise ExportError(f"{d / STRUCTURE_JSON} does not fit the model: {e}") from None
+        check_structure(d, structure, groups, state)
+        small = shrink_model(cfg.model, shape, classes, structure)
+        small.load_state_dict(shrink_state(state, groups, structure))
     full.eval()
     small.eval()
     return GlobalModel(cfg, full, small, tuple(shape), classes, structured)
+
+
+def _units(idx: torch.Tensor | list[int], limit: int = 8) -> str:
+    """Unit indices for one line: the first ``limit`` and how many there are."""
+    units = [int(i) for i in idx]
+    shown = ", ".join(map(str, units[:limit]))
+    return f"[{shown}{', ...' if len(units) > limit else ''}] ({len(units)} units)"
+
+
+def check_structure(d: Path, structure: Mapping[str, torch.Tensor], groups: Sequence[UnitGroup],
+                    state: Mapping[str, torch.Tensor]) -> None:
+    """Check ``structure.json`` (validated, every group present) against the run's
+    checkpoint (the server's own structure, when ``checkpoint.pt`` is there) and
+    against the weights of ``final_model.pt`` (AutoFLIP zeroes exactly the removed
+    units); ExportError naming the group and units on the first mismatch."""
+    where = d / STRUCTURE_JSON
+    if (d / CHECKPOINT).is_file():
+        try:
+            ckpt = load_checkpoint(d, flag="RESULTS_DIR")
+        except CheckpointError as e:
+            raise ExportError(str(e)) from None
+        held = ckpt.strategy.get("structure")
+        if held is not None:
+            try:
+                held = validate_structure(held, groups)
+            except (ValueError, TypeError) as e:
+                raise ExportError(f"{d / CHECKPOINT}: its structure does not fit the model: "
+                                  f"{e}") from None
+            for g in groups:
+                want, got = set(held[g.name].tolist()), set(structure[g.name].tolist())
+                if want != got:
+                    raise ExportError(
+                        f"{where}: group {g.name!r} keeps {len(got)} units, the run's "
+                        f"{CHECKPOINT} {len(want)}; units kept only in {STRUCTURE_JSON}: "
+                        f"{_units(sorted(got - want))}, only in the checkpoint: "
+                        f"{_units(sorted(want - got))}; not exported")
+    try:
+        zero = zero_units(groups, state)
+    except ValueError as e:
+        raise ExportError(f"{d / FINAL_MODEL}: {e}") from None
+    for g in groups:
+        kept = torch.zeros(g.n_units, dtype=torch.bool)
+        kept[structure[g.name]] = True
+        removed_live = torch.nonzero(~kept & ~zero[g.name]).reshape(-1)
+        if removed_live.numel():
+            raise ExportError(
+                f"{where}: group {g.name!r}: it removes units {_units(removed_live)} whose "
+                f"weights are not zero in {FINAL_MODEL} (the run removed only all-zero units); "
+                "the structure does not belong to this model; not exported")
+        kept_dead = torch.nonzero(kept & zero[g.name]).reshape(-1)
+        if kept_dead.numel():
+            raise ExportError(
+                f"{where}: group {g.name!r}: it keeps units {_units(kept_dead)} whose weights "
+                f"are all zero in {FINAL_MODEL} (units the run removed); the structure does "
+                "not belong to this model; not exported")
 
 
 def _save(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None:

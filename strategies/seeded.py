@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
@@ -71,20 +73,29 @@ class SeededSampling(Population):
     _STATE = ("current_arrays", "momentum_vector")
 
     def state_dict(self) -> dict[str, Any]:
-        """FedAvgM's last global arrays and momentum (nothing for FedAvg/FedProx)."""
+        """FedAvgM's last global arrays and momentum (nothing for FedAvg/FedProx), as plain
+        containers of tensors (what fl.checkpoint saves and loads with weights_only=True):
+        the ArrayRecord as ``{"arrayrecord": {name: tensor}}``, the numpy momentum list
+        as ``{"ndarrays": [tensor, ...]}``."""
         out: dict[str, Any] = {}
         for name in self._STATE:
             value = getattr(self, name, None)
             if isinstance(value, ArrayRecord):
-                value = {"arrayrecord": value.to_torch_state_dict()}
+                value = {"arrayrecord": dict(value.to_torch_state_dict())}
+            elif isinstance(value, list | tuple) and all(isinstance(a, np.ndarray)
+                                                         for a in value):
+                value = {"ndarrays": [torch.from_numpy(np.array(a)) for a in value]}
             out[name] = value
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
         for name, value in state.items():
             if name in self._STATE and hasattr(self, name):
                 if isinstance(value, dict) and "arrayrecord" in value:
-                    value = ArrayRecord(value["arrayrecord"])
+                    value = ArrayRecord(dict(value["arrayrecord"]))
+                elif isinstance(value, dict) and "ndarrays" in value:
+                    value = [t.numpy() for t in value["ndarrays"]]
                 setattr(self, name, value)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

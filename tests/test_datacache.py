@@ -110,6 +110,49 @@ def test_rewritten_npz_file_gets_a_new_split(cache, tmp_path):
     assert len(list(cache.glob("split-*.npz"))) == 2
 
 
+def test_npz_replaced_with_the_same_size_and_mtime_gets_a_new_split(cache, tmp_path,
+                                                                    monkeypatch):
+    """The key is the file's content (SHA-256), not its size and modification time: a
+    file copied over with its times preserved must not reuse the old split."""
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.random((60, 4), dtype=np.float32), y=np.repeat(np.arange(3), 20))
+    st = path.stat()
+    cfg = c.load(None, ["dataset.name=npz", f"dataset.path={path}", "model=mlp",
+                        "partition.kind=dirichlet", "partition.alpha=0.5",
+                        "partition.num_clients=3", "partition.min_size=1"])
+    D.prepare(cfg)
+    # other labels and features, the same byte count, the same times to the nanosecond
+    np.savez(path, x=rng.random((60, 4), dtype=np.float32) + 5, y=np.tile(np.arange(3), 20))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    D._load_cached.cache_clear()  # a new process (every `bonsai run` is one)
+    D._load_test_cached.cache_clear()
+    D.prepare(cfg)
+    assert len(list(cache.glob("split-*.npz"))) == 2
+    assert len(list(cache.glob("partition-*.npz"))) == 2
+    D._load_cached.cache_clear()
+    cached = D.load_federated(cfg)
+    monkeypatch.setenv(datacache.ENV, "off")
+    D._load_cached.cache_clear()
+    fresh = D.load_federated(cfg)  # computed from the new file, no cache
+    for a, b in ((fresh.train, cached.train), (fresh.test, cached.test)):
+        assert a.x.equal(b.x) and a.y.equal(b.y)
+    assert all(np.array_equal(p, q) for p, q in zip(fresh.partitions, cached.partitions,
+                                                    strict=True))
+    assert float(cached.test.x.min()) >= 5
+
+
+def test_file_fingerprint_is_the_content_hash(tmp_path):
+    import hashlib
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abc" * 1000)
+    fp = datacache.file_fingerprint(path)
+    assert fp == {"path": str(path.resolve()), "size": 3000,
+                  "sha256": hashlib.sha256(b"abc" * 1000).hexdigest()}
+
+
 def test_a_process_that_reads_the_cache_imports_neither_sklearn_nor_flwr_datasets(cache):
     """What the cache is for: simulated clients (Ray actors) stay ~210 MB smaller."""
     cfg = c.load(None, ["partition.num_clients=9"])

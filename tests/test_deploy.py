@@ -88,7 +88,7 @@ def test_keys_files_chain_and_flowers_own_loaders(keys):
 
 
 def test_keys_refuse_to_overwrite_and_bad_hosts(keys, tmp_path):
-    with pytest.raises(KeyFileError, match="already holds a CA"):
+    with pytest.raises(KeyFileError, match="ca.key' already exists"):
         make_keys(keys.dir, [], 1)
     with pytest.raises(KeyFileError, match="--host"):
         make_keys(tmp_path / "k", ["bad host"], 1)

@@ -19,6 +19,7 @@ from fl.pruning import (
     structure_from_json,
     structure_to_json,
     structured_mask,
+    zero_units,
 )
 
 MLP_SHAPE = (1, 2, 2)  # 4 inputs -> 128 -> 64 -> 3
@@ -240,3 +241,46 @@ def test_classifier_outputs_survive_any_ratio():
     m_s = structured_mask(groups, st, model.state_dict())
     assert m_s["fc2.weight"].any(dim=1).all()  # every output row keeps its kept inputs
     assert "fc2.bias" not in m_s
+
+
+@pytest.mark.parametrize("model, shape", [("cnn", (1, 8, 8)), ("resnet8", (3, 8, 8)),
+                                          ("mlp", MLP_SHAPE)])
+def test_zero_units_reads_the_structure_back_from_masked_weights(model, shape):
+    """zero_units(masked state) is exactly the complement of the structure, with the
+    unstructured zeros of a hybrid mask on top (a kept unit is never all zero)."""
+    groups = groups_for(model, shape, 10)
+    state = build_model(model, shape, 10, seed=1).state_dict()
+    for n, t in state.items():  # BN statistics as after training (not 0/1)
+        if n.endswith("running_var"):
+            t.uniform_(0.5, 2.0)
+        elif n.endswith("running_mean"):
+            t.normal_(0.0, 0.1)
+    gen = torch.Generator().manual_seed(2)
+    guidance = {n: torch.rand(t.shape, generator=gen) for n, t in state.items()
+                if n in prunable_names(build_model(model, shape, 10))}
+    structure = select_units(guidance, groups, 0.5)
+    masks = structured_mask(groups, structure, state)
+    masked = {n: t * masks[n].to(t.dtype) if n in masks else t for n, t in state.items()}
+    unstructured = global_threshold_mask({n: masked[n].abs() for n in guidance}, 0.5,
+                                         allowed={n: masks[n] for n in guidance if n in masks})
+    masked = {n: t * unstructured[n].to(t.dtype) if n in unstructured else t
+              for n, t in masked.items()}
+    zero = zero_units(groups, masked)
+    for g in groups:
+        kept = torch.zeros(g.n_units, dtype=torch.bool)
+        kept[structure[g.name]] = True
+        assert torch.equal(zero[g.name], ~kept), g.name
+        assert 0 < int(kept.sum()) < g.n_units
+    assert not any(z.any() for z in zero_units(groups, state).values())  # unmasked: none
+    one = dict(masked)
+    g = groups[0]
+    gone = int(torch.nonzero(zero[g.name])[0])
+    m = g.members[-1]  # one nonzero entry in one member revives the unit
+    t = one[m.param].clone()
+    at = [0] * t.dim()
+    at[m.dim] = gone * m.width
+    t[tuple(at)] = 1e-30
+    one[m.param] = t
+    assert not bool(zero_units(groups, one)[g.name][gone])
+    with pytest.raises(ValueError, match="state: missing tensor"):
+        zero_units(groups, {n: t for n, t in masked.items() if n != m.param})

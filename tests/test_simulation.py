@@ -116,7 +116,7 @@ def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
 
     from fl.pruning import groups_for, structure_from_json, structured_mask
 
-    state = torch.load(run_dir / "final_model.pt")
+    state = torch.load(run_dir / "final_model.pt", weights_only=True)
     structure = structure_from_json((run_dir / "structure.json").read_text())
     masks = structured_mask(groups_for("cnn", (1, 8, 8), 10), structure, state, strict=False)
     for name, m in masks.items():
@@ -180,5 +180,5 @@ def test_resume_refuses_bad_input(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     proc = bonsai(["run", "--resume", str(tmp_path)], mark)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "is corrupted" in err
+    assert proc.returncode == 2 and "is not a valid, safe Bonsai checkpoint" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # untouched

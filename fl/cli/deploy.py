@@ -81,7 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--name", action="append", default=[], metavar="NAME",
                    help="explicit node key names instead of --nodes (repeatable)")
     k.add_argument("--days", type=int, default=365, help="certificate validity (default 365)")
-    k.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    k.add_argument("--force", action="store_true",
+                   help="replace existing files after moving them into OUT/backup-TIMESTAMP/ "
+                        "(without it, any existing file stops the command: nothing written)")
     k.set_defaults(func=cmd_keys)
 
     s = dsub.add_parser("superlink", help="start flower-superlink with TLS and node auth")
@@ -206,10 +208,13 @@ def _foreground(name: str, cmd: list[str], env: dict[str, str], cwd: str | None 
 def cmd_keys(args: argparse.Namespace) -> int:
     try:
         ks = make_keys(args.out, args.host, args.name or args.nodes, days=args.days,
-                       overwrite=args.overwrite)
+                       force=args.force)
     except KeyFileError as e:
         return fail(str(e))
     hosts = ", ".join(cert_hosts(ks.superlink_cert))
+    if ks.backup is not None:
+        moved = sum(1 for f in ks.backup.rglob("*") if not f.is_dir())
+        print(f"moved {moved} existing file(s) it replaced to {ks.backup}/")
     print(f"wrote {ks.dir}/")
     print("  ca.crt          CA certificate: give it to every SuperNode and flwr CLI user")
     print("  ca.key          CA private key: keep it offline")

@@ -13,10 +13,12 @@ from fl.deploy.keys import (
     KeyFileError,
     KeySet,
     add_node_key,
+    backup_existing,
     cert_hosts,
     check_node_key,
     check_node_tls,
     check_superlink_tls,
+    key_files,
     make_keys,
 )
 from fl.deploy.local import LocalFederation, LocalNode, existing_keys
@@ -45,6 +47,7 @@ __all__ = [
     "SuperLinkSpec",
     "SuperNodeSpec",
     "add_node_key",
+    "backup_existing",
     "cert_hosts",
     "check_node_key",
     "check_node_tls",
@@ -52,6 +55,7 @@ __all__ = [
     "check_superlink_tls",
     "connection_toml",
     "existing_keys",
+    "key_files",
     "make_keys",
     "node_config_string",
     "register_node",

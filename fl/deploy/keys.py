@@ -1,6 +1,8 @@
 """Certificates and node keys for a Flower deployment, made with ``cryptography``.
 
-``make_keys(out, hosts, nodes)`` writes one folder a federation operator keeps:
+``make_keys(out, hosts, nodes)`` writes one folder a federation operator keeps
+(never over existing key material: every file it would write is checked before
+any is written; ``force`` first moves the existing ones into a backup folder):
 
     ca.crt ca.key                 the certificate authority (keep ca.key offline)
     superlink.crt superlink.key   the SuperLink's TLS certificate (signed by the CA,
@@ -21,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +38,12 @@ __all__ = [
     "KeyFileError",
     "KeySet",
     "add_node_key",
+    "backup_existing",
     "cert_hosts",
     "check_node_key",
     "check_node_tls",
     "check_superlink_tls",
+    "key_files",
     "make_keys",
     "node_key_paths",
 ]
@@ -59,6 +64,8 @@ class KeySet:
 
     dir: Path
     nodes: tuple[str, ...]
+    #: where ``force`` moved the files it replaced (None when nothing was replaced)
+    backup: Path | None = None
 
     @property
     def ca_cert(self) -> Path:
@@ -86,13 +93,54 @@ def node_key_paths(out: str | Path, name: str) -> tuple[Path, Path]:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
+    """Create ``path`` (O_EXCL: a file that appeared since the check is never replaced)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if private:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def key_files(out: str | Path, names: Sequence[str]) -> list[Path]:
+    """Every file :func:`make_keys` writes into ``out`` for node keys ``names``."""
+    out = Path(out)
+    files = [out / CA_KEY, out / CA_CERT, out / SL_KEY, out / SL_CERT]
+    for n in names:
+        files.extend(node_key_paths(out, n))
+    return files
+
+
+def _existing(paths: Sequence[Path]) -> list[Path]:
+    return [p for p in paths if os.path.lexists(p)]  # a dangling link counts: it is in the way
+
+
+def _refuse_existing(paths: Sequence[Path]) -> None:
+    found = _existing(paths)
+    if found:
+        raise KeyFileError(
+            f"--out: {str(found[0])!r} already exists ({len(found)} of the {len(paths)} files "
+            "to write exist); nothing written: choose another folder, or pass --force to move "
+            "the existing files into a backup folder first")
+
+
+def backup_existing(out: str | Path, paths: Sequence[Path]) -> Path | None:
+    """Move those of ``paths`` that exist (all inside ``out``) into a new
+    ``out/backup-YYYYmmdd-HHMMSS[-N]/`` folder (private, relative paths kept); return
+    it, or None when none exists."""
+    out = Path(out)
+    found = _existing(paths)
+    if not found:
+        return None
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup, i = out / f"backup-{stamp}", 0
+    while os.path.lexists(backup):
+        i += 1
+        backup = out / f"backup-{stamp}-{i}"
+    backup.mkdir(mode=0o700)
+    for p in found:
+        dest = backup / p.relative_to(out)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.move(p, dest)  # a rename inside ``out``: bytes, modes and times kept
+    return backup
 
 
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -131,13 +179,19 @@ def _is_ip(h: str) -> bool:
 
 
 def make_keys(out: str | Path, hosts: Sequence[str] = (), nodes: int | Sequence[str] = 2,
-              days: int = 365, overwrite: bool = False) -> KeySet:
+              days: int = 365, force: bool = False) -> KeySet:
     """Create a CA, a SuperLink certificate for ``hosts`` and one key pair per SuperNode.
+
+    Every file it would write (:func:`key_files`) is checked before any is written:
+    when one exists, nothing is written (a KeyFileError names the first), unless
+    ``force``, which first moves the existing ones into a backup folder
+    (:func:`backup_existing`, returned as ``KeySet.backup``). Key material is never
+    overwritten.
 
     Parameters
     ----------
     out:
-        Folder to write (created). Existing files are kept unless ``overwrite``.
+        Folder to write (created).
     hosts:
         Names and IP addresses the SuperLink is reached at (localhost and
         127.0.0.1 are always added).
@@ -145,11 +199,13 @@ def make_keys(out: str | Path, hosts: Sequence[str] = (), nodes: int | Sequence[
         A number ``n`` (keys ``node-0 .. node-{n-1}``) or explicit names.
     days:
         Validity of the certificates.
+    force:
+        Back up and replace existing files instead of refusing.
 
     Raises
     ------
     KeyFileError
-        When ``out`` already holds keys (and not ``overwrite``) or a host is malformed.
+        When a file to write exists (and not ``force``) or an argument is malformed.
     """
     out = Path(out)
     names = tuple(f"node-{i}" for i in range(nodes)) if isinstance(nodes, int) else tuple(nodes)
@@ -161,9 +217,12 @@ def make_keys(out: str | Path, hosts: Sequence[str] = (), nodes: int | Sequence[
     _check_hosts(hosts)
     if days < 1:
         raise KeyFileError(f"--days: got {days}; allowed: >= 1")
-    if not overwrite and (out / CA_KEY).exists():
-        raise KeyFileError(f"--out: {str(out)!r} already holds a CA; pass --overwrite or choose "
-                        "another folder")
+    if len(set(names)) != len(names):
+        raise KeyFileError(f"--name: {sorted({n for n in names if names.count(n) > 1})} given "
+                           "more than once")
+    files = key_files(out, names)
+    if not force:
+        _refuse_existing(files)
     now = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
 
@@ -193,20 +252,24 @@ def make_keys(out: str | Path, hosts: Sequence[str] = (), nodes: int | Sequence[
                        critical=False)
         .sign(ca_key, hashes.SHA384())
     )
+    backup = backup_existing(out, files) if force else None
     _write(out / CA_KEY, _pem_key(ca_key), private=True)
     _write(out / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
     _write(out / SL_KEY, _pem_key(sl_key), private=True)
     _write(out / SL_CERT, sl_cert.public_bytes(serialization.Encoding.PEM))
     for n in names:
-        add_node_key(out, n, overwrite=overwrite)
-    return KeySet(out, names)
+        add_node_key(out, n)
+    return KeySet(out, names, backup)
 
 
-def add_node_key(out: str | Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write one SuperNode key pair (OpenSSH, NIST P-384) into ``out/nodes``."""
+def add_node_key(out: str | Path, name: str, force: bool = False) -> tuple[Path, Path]:
+    """Write one SuperNode key pair (OpenSSH, NIST P-384) into ``out/nodes``; refuses
+    (nothing written) when either file exists, unless ``force`` (backs them up first)."""
     priv_path, pub_path = node_key_paths(out, name)
-    if priv_path.exists() and not overwrite:
-        raise KeyFileError(f"--out: key {str(priv_path)!r} already exists")
+    if force:
+        backup_existing(out, [priv_path, pub_path])
+    else:
+        _refuse_existing([priv_path, pub_path])
     key = ec.generate_private_key(ec.SECP384R1())
     _write(priv_path, key.private_bytes(serialization.Encoding.PEM,
                                         serialization.PrivateFormat.OpenSSH,

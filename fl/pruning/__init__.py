@@ -35,6 +35,7 @@ from fl.pruning.structured import (
     structured_mask,
     unit_scores,
     validate_structure,
+    zero_units,
 )
 from fl.pruning.unstructured import (
     density,
@@ -77,4 +78,5 @@ __all__ = [
     "training_flops_per_example",
     "unit_scores",
     "validate_structure",
+    "zero_units",
 ]

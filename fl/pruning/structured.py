@@ -34,6 +34,7 @@ __all__ = [
     "structured_mask",
     "unit_scores",
     "validate_structure",
+    "zero_units",
 ]
 
 Structure = dict[str, torch.Tensor]
@@ -72,6 +73,38 @@ def validate_structure(
         if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
             raise ValueError(f"structure: group {g.name!r} indices must be sorted and unique")
         out[g.name] = kept
+    return out
+
+
+def zero_units(
+    groups: Sequence[UnitGroup], state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Group name -> bool ``(n_units,)``: True where every slice the unit indexes (all
+    its members: weights, biases, norm parameters and buffers, the consumers' input
+    columns) is exactly zero in the full-model ``state``.
+
+    A model served under a structure has exactly its removed units zero
+    (:func:`structured_mask` applied), so this reads the structure back from the
+    weights alone; ``bonsai export`` checks structure.json against it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``state`` when a member tensor is missing or not in full-model shape.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for g in groups:
+        nonzero = torch.zeros(g.n_units, dtype=torch.bool)
+        for m in g.members:
+            if m.param not in state:
+                raise ValueError(f"state: missing tensor {m.param!r} of group {g.name!r}")
+            t = state[m.param]
+            if t.dim() <= m.dim or t.shape[m.dim] != g.n_units * m.width:
+                raise ValueError(f"state: {m.param!r} has shape {tuple(t.shape)}; dim {m.dim} "
+                                 f"must be {g.n_units * m.width} (full-model shape)")
+            per_position = (t != 0).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).any(dim=1)
+            nonzero |= per_position.reshape(g.n_units, m.width).any(dim=1)
+        out[g.name] = ~nonzero
     return out
 
 
