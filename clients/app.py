@@ -25,8 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients.edge import measured, node_profile
-from fl import contract as k
-from fl import wire
+from fl import contract, wire
 from fl.config import ExperimentConfig, from_flat
 from fl.data import NodeData, node_data
 from fl.kernels import pack_bits, unpack_bits
@@ -64,9 +63,9 @@ def _setup(context: Context) -> tuple[ExperimentConfig, NodeData, torch.nn.Modul
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id and example count."""
     _, node = _node(context)  # no model: at 1000 simulated nodes its init is most of a query
-    metrics = MetricRecord({"partition-id": node.partition_id,
-                            k.NUM_EXAMPLES: len(node.data)})
-    return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)
+    metrics = MetricRecord({contract.PARTITION_ID: node.partition_id,
+                            contract.NUM_EXAMPLES: len(node.data)})
+    return Message(RecordDict({contract.METRICS: metrics}), reply_to=msg)
 
 
 @lru_cache(maxsize=16)
@@ -84,10 +83,10 @@ def _train_metrics(res, cfg: ExperimentConfig, node: NodeData, epochs: int,
     """num-examples, loss, seconds and the training FLOPs of the model actually trained."""
     fwd = _forward_flops(cfg.model, node.input_shape, node.num_classes, structure)
     return MetricRecord({
-        k.NUM_EXAMPLES: res.num_examples,
-        k.TRAIN_LOSS: res.loss,
-        k.TRAIN_SECONDS: res.seconds,
-        k.TRAIN_FLOPS: training_flops_per_example(fwd) * res.num_examples * epochs,
+        contract.NUM_EXAMPLES: res.num_examples,
+        contract.TRAIN_LOSS: res.loss,
+        contract.TRAIN_SECONDS: res.seconds,
+        contract.TRAIN_FLOPS: training_flops_per_example(fwd) * res.num_examples * epochs,
     })
 
 
@@ -99,24 +98,25 @@ def train_handler(msg: Message, context: Context) -> Message:
     A dense ``arrays`` record (Flower's FedAvg family) is answered with the new
     weights; a wire ``payload`` (FedLD, AutoFLIP) with the update on kept entries.
     """
-    if k.PAYLOAD in msg.content:
+    if contract.PAYLOAD in msg.content:
         return _train_sparse(msg, context)
     cfg, node, model = _setup(context)
     pid, data = node.partition_id, node.data
-    model.load_state_dict(msg.content[k.ARRAYS].to_torch_state_dict())
-    conf: ConfigRecord = msg.content[k.CONFIG]
-    server_round = int(conf.get(k.SERVER_ROUND, 0))
+    model.load_state_dict(msg.content[contract.ARRAYS].to_torch_state_dict())
+    conf: ConfigRecord = msg.content[contract.CONFIG]
+    server_round = int(conf.get(contract.SERVER_ROUND, 0))
     res = train(
         model, data, cfg.train,
         seed=round_seed(cfg.seed, server_round, salt=1000 + pid),
         device=pick_device(cfg.resources.device),
-        margin_lambda=float(conf.get(k.MARGIN_LAMBDA, cfg.objective.margin_lambda)),
-        proximal_mu=float(conf.get(k.PROXIMAL_MU, 0.0)),
+        margin_lambda=float(conf.get(contract.MARGIN_LAMBDA, cfg.objective.margin_lambda)),
+        proximal_mu=float(conf.get(contract.PROXIMAL_MU, 0.0)),
     )
     model.to("cpu")
     metrics = _train_metrics(res, cfg, node, cfg.train.local_epochs)
-    return Message(RecordDict({k.ARRAYS: ArrayRecord(model.state_dict()), k.METRICS: metrics}),
-                   reply_to=msg)
+    content = RecordDict({contract.ARRAYS: ArrayRecord(model.state_dict()),
+                          contract.METRICS: metrics})
+    return Message(content, reply_to=msg)
 
 
 # context.state records: the mask this node holds (a wire payload) and its version
@@ -155,14 +155,14 @@ def _sparse_view(msg: Message, context: Context, cfg: ExperimentConfig,
     stale; otherwise the values are read against the mask kept in
     ``context.state`` from an earlier round.
     """
-    conf: ConfigRecord = msg.content[k.CONFIG]
-    version = int(conf.get(k.MASK_VERSION, 0))
+    conf: ConfigRecord = msg.content[contract.CONFIG]
+    version = int(conf.get(contract.MASK_VERSION, 0))
     meta = context.state.get(_MASK_META)
     held = _held_masks(context, version)
-    state, masks = wire.decode(wire.from_record(msg.content[k.PAYLOAD]), known_masks=held,
+    state, masks = wire.decode(wire.from_record(msg.content[contract.PAYLOAD]), known_masks=held,
                                known_mask_version=version if held is not None else None)
-    structure = conf.get(k.STRUCTURE, meta["structure"] if meta is not None else "")
-    if masks or k.STRUCTURE in conf:
+    structure = conf.get(contract.STRUCTURE, meta["structure"] if meta is not None else "")
+    if masks or contract.STRUCTURE in conf:
         _keep_masks(context, masks, version, str(structure))
     masks = masks or held or {}
     model = (shrink_model(cfg.model, input_shape, num_classes, structure_from_json(structure))
@@ -176,15 +176,15 @@ def _train_sparse(msg: Message, context: Context) -> Message:
     pid, data, shape = node.partition_id, node.data, node.input_shape
     model, masks, version, structure = _sparse_view(msg, context, cfg, shape,
                                                     node.num_classes)
-    conf: ConfigRecord = msg.content[k.CONFIG]
-    server_round = int(conf.get(k.SERVER_ROUND, 0))
+    conf: ConfigRecord = msg.content[contract.CONFIG]
+    server_round = int(conf.get(contract.SERVER_ROUND, 0))
     start = {n: t.detach().clone() for n, t in model.state_dict().items()}
     res = train(
         model, data, cfg.train,
         seed=round_seed(cfg.seed, server_round, salt=1000 + pid),
         device=pick_device(cfg.resources.device),
-        margin_lambda=float(conf.get(k.MARGIN_LAMBDA, cfg.objective.margin_lambda)),
-        proximal_mu=float(conf.get(k.PROXIMAL_MU, 0.0)),
+        margin_lambda=float(conf.get(contract.MARGIN_LAMBDA, cfg.objective.margin_lambda)),
+        proximal_mu=float(conf.get(contract.PROXIMAL_MU, 0.0)),
         masks=masks,
     )
     model.to("cpu")
@@ -192,21 +192,21 @@ def _train_sparse(msg: Message, context: Context) -> Message:
     payload = wire.encode(delta, masks=masks or None, mask_version=version, send_mask=False,
                           quantize=cfg.pruning.quantize)
     metrics = _train_metrics(res, cfg, node, cfg.train.local_epochs, structure)
-    return Message(RecordDict({k.PAYLOAD: wire.to_record(payload), k.METRICS: metrics}),
-                   reply_to=msg)
+    content = RecordDict({contract.PAYLOAD: wire.to_record(payload), contract.METRICS: metrics})
+    return Message(content, reply_to=msg)
 
 
-@app.train(k.EXPLORE_ACTION)
+@app.train(contract.EXPLORE_ACTION)
 @measured
 def explore_handler(msg: Message, context: Context) -> Message:
     """AutoFLIP exploration: train a copy of theta_0 and return the squared
     deviation (theta_k - theta_0)^2 of every prunable weight (ALGORITHMS.md 1.1)."""
     cfg, node, model = _setup(context)
     pid, data = node.partition_id, node.data
-    state, _ = wire.decode(wire.from_record(msg.content[k.PAYLOAD]))
+    state, _ = wire.decode(wire.from_record(msg.content[contract.PAYLOAD]))
     model.load_state_dict(state)
-    conf: ConfigRecord = msg.content[k.CONFIG]
-    epochs = int(conf.get(k.LOCAL_EPOCHS, 1))
+    conf: ConfigRecord = msg.content[contract.CONFIG]
+    epochs = int(conf.get(contract.LOCAL_EPOCHS, 1))
     theta0 = {n: t.detach().clone() for n, t in model.state_dict().items()}
     res = train(model, data, cfg.train, seed=round_seed(cfg.seed, 0, salt=1000 + pid),
                 device=pick_device(cfg.resources.device), epochs=epochs)
@@ -214,11 +214,11 @@ def explore_handler(msg: Message, context: Context) -> Message:
     after = model.state_dict()
     deviations = {n: (after[n] - theta0[n]) ** 2 for n in prunable_names(model)}
     metrics = _train_metrics(res, cfg, node, epochs)
-    return Message(RecordDict({k.PAYLOAD: wire.to_record(wire.encode(deviations)),
-                               k.METRICS: metrics}), reply_to=msg)
+    return Message(RecordDict({contract.PAYLOAD: wire.to_record(wire.encode(deviations)),
+                               contract.METRICS: metrics}), reply_to=msg)
 
 
-@app.evaluate(k.DECOMPOSE_ACTION)
+@app.evaluate(contract.DECOMPOSE_ACTION)
 def decompose_handler(msg: Message, context: Context) -> Message:
     """Loss of each of the round's client models and of the global model on this
     node's own examples: one row of the loss decomposition (ALGORITHMS.md 2.1)."""
@@ -226,19 +226,19 @@ def decompose_handler(msg: Message, context: Context) -> Message:
     device = pick_device(cfg.resources.device)
     losses = {}
     for name in msg.content.array_records:
-        if name == k.GLOBAL_MODEL or name.startswith(k.CLIENT_MODEL_PREFIX):
+        if name == contract.GLOBAL_MODEL or name.startswith(contract.CLIENT_MODEL_PREFIX):
             model.load_state_dict(msg.content[name].to_torch_state_dict())
-            key = name.removeprefix(k.CLIENT_MODEL_PREFIX)
-            losses[f"{k.LOSS_PREFIX}{key}"] = evaluate(model, node.data, device)[0]
-    return Message(RecordDict({k.METRICS: MetricRecord(losses)}), reply_to=msg)
+            key = name.removeprefix(contract.CLIENT_MODEL_PREFIX)
+            losses[f"{contract.LOSS_PREFIX}{key}"] = evaluate(model, node.data, device)[0]
+    return Message(RecordDict({contract.METRICS: MetricRecord(losses)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
     """Loss and accuracy of the received model on this node's examples."""
     cfg, node, model = _setup(context)
-    model.load_state_dict(msg.content[k.ARRAYS].to_torch_state_dict())
+    model.load_state_dict(msg.content[contract.ARRAYS].to_torch_state_dict())
     loss, acc = evaluate(model, node.data, pick_device(cfg.resources.device))
-    metrics = MetricRecord({k.NUM_EXAMPLES: len(node.data), k.EVAL_LOSS: loss,
-                            k.EVAL_ACCURACY: acc})
-    return Message(RecordDict({k.METRICS: metrics}), reply_to=msg)
+    metrics = MetricRecord({contract.NUM_EXAMPLES: len(node.data), contract.EVAL_LOSS: loss,
+                            contract.EVAL_ACCURACY: acc})
+    return Message(RecordDict({contract.METRICS: metrics}), reply_to=msg)

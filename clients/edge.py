@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from flwr.app import Context, Message
 
-from fl import contract as k
+from fl import contract
 from fl.config import ExperimentConfig
 from fl.node import PARTITION_ID, PEAK_CUDA_MEMORY_MB, EdgeProfile, PeakMemory
 
@@ -51,21 +51,21 @@ def measured(handler: Handler) -> Handler:
         t0 = time.perf_counter()
         with PeakMemory("cuda" if cuda else "cpu") as peak:
             reply = handler(msg, context)
-        if reply.has_error() or k.METRICS not in reply.content:
+        if reply.has_error() or contract.METRICS not in reply.content:
             return reply
-        metrics = reply.content[k.METRICS]
-        metrics[k.PEAK_MEMORY_MB] = peak.rss_mb
+        metrics = reply.content[contract.METRICS]
+        metrics[contract.PEAK_MEMORY_MB] = peak.rss_mb
         if cuda:
             metrics[PEAK_CUDA_MEMORY_MB] = peak.cuda_mb
-        conf = msg.content[k.CONFIG] if k.CONFIG in msg.content else {}
+        conf = msg.content[contract.CONFIG] if contract.CONFIG in msg.content else {}
         profile.record({
-            "round": int(conf.get(k.SERVER_ROUND, 0)),
+            "round": int(conf.get(contract.SERVER_ROUND, 0)),
             "message": msg.metadata.message_type,
             "partition-id": int(context.node_config.get(PARTITION_ID, 0)),
-            k.NUM_EXAMPLES: int(metrics.get(k.NUM_EXAMPLES, 0)),
-            k.TRAIN_SECONDS: float(metrics.get(k.TRAIN_SECONDS, 0.0)),
+            contract.NUM_EXAMPLES: int(metrics.get(contract.NUM_EXAMPLES, 0)),
+            contract.TRAIN_SECONDS: float(metrics.get(contract.TRAIN_SECONDS, 0.0)),
             "handler-seconds": round(time.perf_counter() - t0, 4),
-            k.PEAK_MEMORY_MB: peak.rss_mb,
+            contract.PEAK_MEMORY_MB: peak.rss_mb,
             "threads": torch.get_num_threads(),
         })
         return reply

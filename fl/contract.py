@@ -22,34 +22,23 @@ LOSS_PREFIX: Final = "loss-"  #: metric names "loss-0", ..., "loss-global" in it
 ARRAYS: Final = "arrays"  #: model view (dense ArrayRecord) or update
 PAYLOAD: Final = "payload"  #: sparse wire payload (ArrayRecord of raw bytes, fl/wire)
 PAYLOAD_BYTES: Final = "wire-bytes"  #: key of the encoded bytes inside the PAYLOAD record
-MASK: Final = "mask"  #: the mask, only when it changed since the client last saw it
 CONFIG: Final = "config"  #: ConfigRecord with the keys below
 METRICS: Final = "metrics"  #: MetricRecord with the keys below
 
 # --- config keys (server -> client) ------------------------------------------
 SERVER_ROUND: Final = "server-round"
-PHASE: Final = "phase"  #: "explore" or "train"
-PHASE_EXPLORE: Final = "explore"
-PHASE_TRAIN: Final = "train"
-LR: Final = "lr"
 LOCAL_EPOCHS: Final = "local-epochs"
-BATCH_SIZE: Final = "batch-size"
-OPTIMIZER: Final = "optimizer"
-MOMENTUM: Final = "momentum"
-WEIGHT_DECAY: Final = "weight-decay"
 PROXIMAL_MU: Final = "proximal-mu"  #: same key Flower's FedProx sends
 MARGIN_LAMBDA: Final = "margin-lambda"  #: FedLD margin control (0 = off)
-EXPERIMENT: Final = "experiment"  #: the resolved experiment config as JSON
 MASK_VERSION: Final = "mask-version"
 STRUCTURE: Final = "structure"  #: kept units as JSON, sent with a fresh mask (AutoFLIP)
 
 # --- metric keys (client -> server) ------------------------------------------
+PARTITION_ID: Final = "partition-id"  #: query reply: the node's place in the population
 NUM_EXAMPLES: Final = "num-examples"  #: the key Flower's FedAvg weights by
 TRAIN_LOSS: Final = "train-loss"
 TRAIN_SECONDS: Final = "train-seconds"
 TRAIN_FLOPS: Final = "train-flops"
-BYTES_DOWN: Final = "bytes-down"
-BYTES_UP: Final = "bytes-up"
 PEAK_MEMORY_MB: Final = "peak-memory-mb"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_ACCURACY: Final = "eval-accuracy"

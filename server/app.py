@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl import contract as k
+from fl import contract
 from fl.checkpoint import load as load_checkpoint
 from fl.config import ExperimentConfig, from_flat, to_json
 from fl.data import load_test
@@ -83,7 +83,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
     discovery_seconds = time.perf_counter() - t_discover
     # a node that crashed must not leave Flower's sampler waiting forever (deployment)
     grid = NodeGuard(grid, cfg.strategy.min_train_clients, cfg.strategy.round_timeout)
-    train_config = ConfigRecord({k.MARGIN_LAMBDA: cfg.objective.margin_lambda})
+    train_config = ConfigRecord({contract.MARGIN_LAMBDA: cfg.objective.margin_lambda})
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
                        train_config, evaluate_fn, recorder, cfg.strategy.round_timeout,
                        decompose_every=cfg.diagnostics.decomposition_every,
@@ -91,8 +91,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                        stopping=lambda: (stop is not None and stop.is_set())
                        or (recorder.dir / STOPPING).exists())
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
-    if hasattr(strategy, "structure_json") and getattr(strategy, "groups", None):
-        (recorder.dir / "structure.json").write_text(strategy.structure_json() + "\n")
+    structure = strategy.structure_json()
+    if structure is not None:
+        (recorder.dir / "structure.json").write_text(structure + "\n")
     return recorder.write_summary({"strategy": cfg.strategy.name, "model": cfg.model,
                                    "dataset": cfg.dataset.name,
                                    "wall_seconds": round(time.perf_counter() - t0, 2),

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl import contract as k
+from fl import contract
 from fl.decomposition import decompose_loss
 
 
@@ -29,12 +29,12 @@ def decompose_round(
     """Measure the K x K loss matrix on the round's clients and decompose the global loss."""
     if len(clients) < 2:
         return {}
-    content = RecordDict({k.GLOBAL_MODEL: global_arrays,
-                          k.CONFIG: ConfigRecord({k.SERVER_ROUND: server_round})})
+    content = RecordDict({contract.GLOBAL_MODEL: global_arrays,
+                          contract.CONFIG: ConfigRecord({contract.SERVER_ROUND: server_round})})
     for i, (_, state) in enumerate(clients):
-        content[f"{k.CLIENT_MODEL_PREFIX}{i}"] = ArrayRecord(state)
+        content[f"{contract.CLIENT_MODEL_PREFIX}{i}"] = ArrayRecord(state)
     msgs = [Message(content, dst_node_id=n,
-                    message_type=f"{MessageType.EVALUATE}.{k.DECOMPOSE_ACTION}")
+                    message_type=f"{MessageType.EVALUATE}.{contract.DECOMPOSE_ACTION}")
             for n, _ in clients]
     replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(msgs, timeout=timeout)}
     K = len(clients)
@@ -45,9 +45,9 @@ def decompose_round(
             log(WARNING, "round %d: loss decomposition skipped: node %d did not evaluate (%s)",
                 server_round, node, r.error.reason if r is not None else "no reply")
             return {}
-        m = r.content[k.METRICS]
-        matrix[j] = [float(m[f"{k.LOSS_PREFIX}{i}"]) for i in range(K)]
-        global_losses[j] = float(m[f"{k.LOSS_PREFIX}{k.GLOBAL_MODEL}"])
+        m = r.content[contract.METRICS]
+        matrix[j] = [float(m[f"{contract.LOSS_PREFIX}{i}"]) for i in range(K)]
+        global_losses[j] = float(m[f"{contract.LOSS_PREFIX}{contract.GLOBAL_MODEL}"])
     d = decompose_loss(matrix, global_losses)
     return {"loss_global": d.global_loss, "loss_local": d.local,
             "loss_shift": d.distribution_shift, "loss_aggregation": d.aggregation}

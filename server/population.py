@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl import contract as k
+from fl import contract
 
 
 class FederationError(RuntimeError):
@@ -37,7 +37,7 @@ def discover(grid: Grid, expected: int, timeout: float, stall: float = 30.0) -> 
                 f'"num-supernodes={expected}" to flwr run (bonsai run does this)'
             )
         time.sleep(0.5)
-    msgs = [Message(RecordDict({k.CONFIG: ConfigRecord({})}), dst_node_id=nid,
+    msgs = [Message(RecordDict({contract.CONFIG: ConfigRecord({})}), dst_node_id=nid,
                     message_type=MessageType.QUERY) for nid in nodes]
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     ranked: list[tuple[int, int]] = []
@@ -46,7 +46,8 @@ def discover(grid: Grid, expected: int, timeout: float, stall: float = 30.0) -> 
             log(INFO, "node %d did not answer the discovery query: %s",
                 r.metadata.src_node_id, r.error.reason)
             continue
-        ranked.append((int(r.content[k.METRICS]["partition-id"]), r.metadata.src_node_id))
+        pid = int(r.content[contract.METRICS][contract.PARTITION_ID])
+        ranked.append((pid, r.metadata.src_node_id))
     if not ranked:
         raise FederationError("no node answered the discovery query")
     ranked.sort()

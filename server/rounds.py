@@ -2,7 +2,8 @@
 
 Flower's ``Strategy.start`` owns a similar loop; the platform runs its own so
 that every round also measures the bytes on the wire and writes a record the
-moment it ends. The strategy's hooks are Flower's, unchanged.
+moment it ends. It calls Flower's five strategy hooks and the few that
+:class:`strategies.base.BonsaiStrategy` declares beside them.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from fl import contract as k
+from fl import contract
 from fl.checkpoint import Checkpoint
 from fl.checkpoint import save as save_checkpoint
 from fl.results import RunRecorder
 from fl.wire import message_nbytes
 from server.diagnostics import decompose_round
+from strategies.base import BonsaiStrategy
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 
@@ -47,7 +48,7 @@ def _bytes(messages: Iterable[Message]) -> int:
 
 def run_rounds(
     grid: Grid,
-    strategy: Strategy,
+    strategy: BonsaiStrategy,
     arrays: ArrayRecord,
     num_rounds: int,
     train_config: ConfigRecord,
@@ -69,27 +70,24 @@ def run_rounds(
     """
     t0 = time.perf_counter()
     # what plain FedAvg would move per message: the dense model (for "bytes_saved")
-    dense_msg = message_nbytes(RecordDict({k.ARRAYS: arrays}))
-    info = getattr(strategy, "round_info", dict)
-    if decompose_every and hasattr(strategy, "keep_client_states"):
-        strategy.keep_client_states = True
+    dense_msg = message_nbytes(RecordDict({contract.ARRAYS: arrays}))
+    if decompose_every:
+        strategy.track_client_states(True)
     if resume_from is not None:
         arrays = ArrayRecord(resume_from.arrays)
-        strategy.load_state_dict(resume_from.strategy)  # type: ignore[attr-defined]
+        strategy.load_state_dict(resume_from.strategy)
         c = resume_from.counters
         cum_bytes, cum_flops, cum_dense = int(c["bytes"]), int(c["flops"]), int(c["dense"])
         start = resume_from.round + 1
         log(INFO, "resuming after round %d", resume_from.round)
     else:
-        prepare = getattr(strategy, "prepare", None)
-        explored = prepare(grid, timeout) if prepare is not None else {}
+        phase = strategy.prepare(grid, timeout)
         first = evaluate_fn(0, arrays)
-        down0, up0 = explored.get("bytes_down", 0), explored.get("bytes_up", 0)
-        cum_bytes, cum_flops, cum_dense = down0 + up0, explored.get("train_flops", 0), 0
+        cum_bytes, cum_flops, cum_dense = phase.bytes_down + phase.bytes_up, phase.train_flops, 0
         recorder.add_round({"round": 0, **first, "seconds": round(time.perf_counter() - t0, 4),
-                            "bytes_down": down0, "bytes_up": up0, "cum_bytes": cum_bytes,
-                            "train_flops": cum_flops, "cum_flops": cum_flops,
-                            "clients": explored.get("explorers", 0), "failures": 0})
+                            "bytes_down": phase.bytes_down, "bytes_up": phase.bytes_up,
+                            "cum_bytes": cum_bytes, "train_flops": cum_flops,
+                            "cum_flops": cum_flops, "clients": phase.clients, "failures": 0})
         start = 1
     for rnd in range(start, num_rounds + 1):
         if stopping():
@@ -112,25 +110,26 @@ def run_rounds(
             fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
         metrics = evaluate_fn(rnd, arrays)
         if decompose_every and rnd % decompose_every == 0 and new_arrays is not None:
-            clients = strategy.client_states(replies)  # type: ignore[attr-defined]
-            metrics.update(decompose_round(grid, clients, arrays, rnd, timeout))
+            metrics.update(decompose_round(grid, strategy.client_states(), arrays, rnd,
+                                           timeout))
         ok = [r for r in replies if not r.has_error()]
-        flops = sum(int(r.content[k.METRICS].get(k.TRAIN_FLOPS, 0)) for r in ok
-                    if k.METRICS in r.content)
+        flops = sum(int(r.content[contract.METRICS].get(contract.TRAIN_FLOPS, 0))
+                    for r in ok if contract.METRICS in r.content)
         cum_bytes += down + up
         cum_flops += flops
         cum_dense += dense_msg * (len(msgs) + len(ok))
         record: dict[str, Any] = {
-            "round": rnd, **metrics, **info(), "seconds": round(time.perf_counter() - t, 4),
+            "round": rnd, **metrics, **strategy.round_info(),
+            "seconds": round(time.perf_counter() - t, 4),
             "bytes_down": down, "bytes_up": up, "cum_bytes": cum_bytes,
             "bytes_saved": round(1.0 - cum_bytes / max(1, cum_dense), 6),
             "train_flops": flops, "cum_flops": cum_flops,
             "clients": len(ok), "failures": failures,
         }
-        if train_metrics is not None and k.TRAIN_LOSS in train_metrics:
-            record["train_loss"] = float(train_metrics[k.TRAIN_LOSS])
-        if fed_eval is not None and k.EVAL_ACCURACY in fed_eval:
-            record["federated_accuracy"] = float(fed_eval[k.EVAL_ACCURACY])
+        if train_metrics is not None and contract.TRAIN_LOSS in train_metrics:
+            record["train_loss"] = float(train_metrics[contract.TRAIN_LOSS])
+        if fed_eval is not None and contract.EVAL_ACCURACY in fed_eval:
+            record["federated_accuracy"] = float(fed_eval[contract.EVAL_ACCURACY])
         if stopping():
             log(WARNING, "round %d was cut by the shutdown: not recorded (the checkpoint "
                 "stays at round %d)", rnd, rnd - 1)
@@ -138,7 +137,7 @@ def run_rounds(
         recorder.add_round(record)
         save_checkpoint(recorder.dir, Checkpoint(
             rnd, arrays.to_torch_state_dict(),
-            strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+            strategy.state_dict(),
             {"bytes": cum_bytes, "flops": cum_flops, "dense": cum_dense}, config_json))
         log(INFO, "round %d/%d: accuracy %.4f loss %.4f (%.2f s, %d B down, %d B up)", rnd,
             num_rounds, record["accuracy"], record["loss"], record["seconds"], down, up)

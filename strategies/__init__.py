@@ -1,9 +1,10 @@
 """Flower Message-API strategies.
 
 - FedAvg, FedAvgM, FedProx: Flower's own, with seeded sampling (baselines.py).
-- FedLD (fedld.py), AutoFLIP and the random/magnitude pruning baselines
-  (autoflip.py): server-side model and Bonsai's sparse wire format (sparse.py),
-  mask policies (mask_policy.py).
+- FedLD (fedld.py), AutoFLIP (autoflip.py) and the random/magnitude pruning
+  baselines (pruned.py): server-side model and Bonsai's sparse wire format
+  (sparse.py), mask policies (mask_policy.py).
+- base.py: the interface the round loop calls (BonsaiStrategy).
 
 :func:`build_strategy` turns an experiment config into one.
 """
@@ -13,25 +14,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from flwr.serverapp.strategy import Strategy
 
 from fl.config import ExperimentConfig
 from fl.contract import ARRAYS, CONFIG, NUM_EXAMPLES
-from strategies.autoflip import AutoFLIP, PrunedStrategy
+from strategies.autoflip import AutoFLIP
+from strategies.base import BonsaiStrategy, ClientState, PhaseCost
 from strategies.baselines import SeededFedAvg, SeededFedAvgM, SeededFedProx
 from strategies.fedld import FedLD
+from strategies.pruned import PrunedStrategy
 from strategies.seeded import Population, SeededSampling
-from strategies.sparse import SparseStrategy
+from strategies.sparse import ModelSpec, ServerRule, SparseStrategy
 
-__all__ = ["AutoFLIP", "FedLD", "Population", "PrunedStrategy", "SeededFedAvg",
-           "SeededFedAvgM", "SeededFedProx", "SeededSampling", "SparseStrategy",
-           "build_strategy"]
+__all__ = ["AutoFLIP", "BonsaiStrategy", "ClientState", "FedLD", "ModelSpec", "PhaseCost",
+           "Population", "PrunedStrategy", "SeededFedAvg", "SeededFedAvgM", "SeededFedProx",
+           "SeededSampling", "ServerRule", "SparseStrategy", "build_strategy"]
 
 
 def build_strategy(
     cfg: ExperimentConfig, initial_state: Mapping[str, torch.Tensor],
     input_shape: tuple[int, ...], num_classes: int,
-) -> Strategy:
+) -> BonsaiStrategy:
     """The strategy named by ``strategy.name``, configured from ``cfg``."""
     s = cfg.strategy
     sampling = dict(seed=cfg.seed, sample_fraction=s.fraction_train,
@@ -50,15 +52,16 @@ def build_strategy(
             return SeededFedAvgM(**common, server_learning_rate=s.server_lr,
                                  server_momentum=s.server_momentum)
         return SeededFedProx(**common, proximal_mu=s.proximal_mu)
-    sparse = dict(
-        model_name=cfg.model, input_shape=tuple(input_shape), num_classes=num_classes,
-        initial_state=initial_state, server_lr=s.server_lr, server_momentum=s.server_momentum,
-        k_proportion=s.k_proportion, eigen_eps=s.eigen_eps, min_train_nodes=s.min_train_clients,
-        **sampling,
-    )
+    model = ModelSpec(cfg.model, tuple(input_shape), num_classes)
+    rule = ServerRule(aggregation=s.aggregation, server_lr=s.server_lr,
+                      server_momentum=s.server_momentum, k_proportion=s.k_proportion,
+                      eigen_eps=s.eigen_eps)
+    common = dict(model=model, initial_state=initial_state, rule=rule,
+                  min_train_nodes=s.min_train_clients, **sampling)
     if s.name == "fedld":
-        return FedLD(**sparse)
-    if s.name in ("autoflip", "random", "magnitude"):
-        return PrunedStrategy(pruning=cfg.pruning, policy=s.name, aggregation=s.aggregation,
-                              **sparse)
+        return FedLD(**common)
+    if s.name == "autoflip":
+        return AutoFLIP(pruning=cfg.pruning, **common)
+    if s.name in ("random", "magnitude"):
+        return PrunedStrategy(pruning=cfg.pruning, policy=s.name, **common)
     raise ValueError(f"strategy.name: unknown value {s.name!r}")

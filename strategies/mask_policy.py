@@ -4,7 +4,7 @@ A policy wraps any aggregation rule the way Flower's DP wrappers wrap a
 strategy: the strategy aggregates, the policy scores entries and the shared
 rule (fl.pruning.plan_masks, cubic schedule) turns scores into masks.
 
-- AutoFLIP (Interno et al., arXiv 2405.10271; ALGORITHMS.md 1): scores are the
+- AutoFLIP (Interno et al., arXiv 2405.10271; docs/ALGORITHMS.md 1): scores are the
   loss-exploration guidance G, folded with the squared client updates every round.
 - Magnitude: global magnitude pruning, scores |w|.
 - Random: uniform random scores drawn once per run (seeded), so that the
@@ -27,7 +27,6 @@ class MaskPolicy:
     """Base policy: the schedule; subclasses give the scores."""
 
     name = "base"
-    explores = False
 
     def __init__(self, cfg: PruningConfig, prunable: Sequence[str], seed: int = 0):
         self.cfg = cfg
@@ -66,7 +65,6 @@ class AutoFLIPPolicy(MaskPolicy):
     """Guidance from federated loss exploration, refreshed from client updates."""
 
     name = "autoflip"
-    explores = True
 
     def __init__(self, cfg: PruningConfig, prunable: Sequence[str], seed: int = 0):
         super().__init__(cfg, prunable, seed)
@@ -74,7 +72,7 @@ class AutoFLIPPolicy(MaskPolicy):
 
     def start(self, deviations: Sequence[Mapping[str, torch.Tensor]],
               num_examples: Sequence[int]) -> None:
-        """Guidance from the explorers' squared deviations (ALGORITHMS.md 1.1)."""
+        """Guidance from the explorers' squared deviations (docs/ALGORITHMS.md 1.1)."""
         self.guidance = GuidanceState.from_exploration(list(deviations), list(num_examples),
                                                        self.prunable)
 

@@ -18,11 +18,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from fl.sampling import sample_clients
+from strategies.base import BonsaiStrategy, ClientState
 
 _TRAIN_SALT, _EVAL_SALT = 0, 1
 
 
-class Population:
+class Population(BonsaiStrategy):
     """The federation's nodes in partition-id order, and seeded sampling over them."""
 
     min_train_nodes: int
@@ -35,6 +36,7 @@ class Population:
         self.evaluate_fraction = evaluate_fraction
         self.population: list[int] = []
         self._rank: dict[int, int] = {}
+        self._client_states: list[ClientState] = []
 
     def set_population(self, population: Sequence[int]) -> None:
         """Node ids ordered by partition id (from the server's discovery query)."""
@@ -51,14 +53,8 @@ class Population:
         """Replies sorted by the population order (deterministic aggregation)."""
         return sorted(replies, key=lambda m: self._rank.get(m.metadata.src_node_id, 1 << 62))
 
-    def client_states(self, replies: Iterable[Message]) -> list[tuple[int, dict]]:
-        """(node id, full model state) of each valid reply: the round's client models."""
-        out = []
-        for r in self.order(replies):
-            if not r.has_error() and self.arrayrecord_key in r.content:  # type: ignore[attr-defined]
-                state = r.content[self.arrayrecord_key].to_torch_state_dict()  # type: ignore[attr-defined]
-                out.append((r.metadata.src_node_id, state))
-        return out
+    def client_states(self) -> list[ClientState]:
+        return list(self._client_states)
 
 
 class SeededSampling(Population):
@@ -68,6 +64,8 @@ class SeededSampling(Population):
     ``fraction_evaluate`` 1.0 or 0.0): it then addresses every node and this
     mixin keeps the sampled ones.
     """
+
+    arrayrecord_key: str  #: set by the wrapped Flower strategy
 
     #: server-side state of Flower's strategies that a resumed run needs (FedAvgM)
     _STATE = ("current_arrays", "momentum_vector")
@@ -106,7 +104,12 @@ class SeededSampling(Population):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return super().aggregate_train(server_round, self.order(replies))  # type: ignore[misc]
+        ordered = self.order(replies)
+        if self.tracks_client_states:  # the replies are the client models themselves
+            self._client_states = [
+                (r.metadata.src_node_id, r.content[self.arrayrecord_key].to_torch_state_dict())
+                for r in ordered if not r.has_error() and self.arrayrecord_key in r.content]
+        return super().aggregate_train(server_round, ordered)  # type: ignore[misc]
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

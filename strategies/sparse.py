@@ -9,8 +9,9 @@ FedLD, AutoFLIP and the pruning baselines share it:
 - clients reply with their update Delta_k on kept entries only;
 - the server decodes and validates every reply (a bad one is dropped with the
   reason logged), expands updates to full shapes, aggregates them with the
-  configured rule (weighted mean or FedLD's principal gradient), applies
-  server momentum and learning rate, and re-applies the mask;
+  configured rule (weighted mean or FedLD's principal gradient,
+  docs/ALGORITHMS.md §2.3), applies server momentum and learning rate, and
+  re-applies the mask (§1.3);
 - an optional :class:`~strategies.mask_policy.MaskPolicy` recomputes the mask
   on its schedule (AutoFLIP: from the guidance; baselines: |w| or random).
 """
@@ -18,6 +19,7 @@ FedLD, AutoFLIP and the pruning baselines share it:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -25,10 +27,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from torch import nn
 
-from fl import contract as k
-from fl import wire
+from fl import contract, wire
 from fl.aggregate import ServerMomentum, apply_update, fedld_aggregate, validate_update
 from fl.aggregate import weighted_mean as mean_rule
 from fl.models import build_model
@@ -45,95 +46,128 @@ from fl.pruning import (
     sparse_flops,
     structure_to_json,
 )
-from strategies.mask_policy import AutoFLIPPolicy, MaskPolicy
+from strategies.base import ClientState
+from strategies.mask_policy import MaskPolicy
 from strategies.seeded import Population
 
-_EXPLORE_SALT = 2
+__all__ = ["AGGREGATIONS", "ModelSpec", "ModelView", "ServerRule", "SparseStrategy"]
+
+AGGREGATIONS = ("mean", "fedld")
 
 
-class SparseStrategy(Population, Strategy):
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which registry model (fl.models) the federation trains."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, self.input_shape, self.num_classes)
+
+
+@dataclass(frozen=True)
+class ServerRule:
+    """How the server turns the round's updates into the next theta_g.
+
+    ``aggregation`` "mean" (weighted by examples) or "fedld" (principal gradient,
+    with ``k_proportion`` and ``eigen_eps``); then heavy-ball ``server_momentum``
+    and ``server_lr``: theta_g <- theta_g + lr * (beta v + aggregate).
+    ``proximal_mu`` is sent to the clients (the FedProx term; 0 = off).
+    """
+
+    aggregation: str = "mean"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    k_proportion: float = 0.8
+    eigen_eps: float = 1e-8
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: got {self.aggregation!r}; allowed: "
+                             f"{', '.join(AGGREGATIONS)}")
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the clients train now: the small model and its masks, and its cost."""
+
+    small_shapes: dict[str, tuple[int, ...]]
+    small_masks: dict[str, torch.Tensor]  #: prunable weights' masks ({} when unmasked)
+    model: nn.Module
+    flops: int  #: forward FLOPs per example of the small model
+    sparse_flops: int | None  #: the same counting only nonzero weights
+
+
+class SparseStrategy(Population):
     """Server-side model, masks and wire format; see the module docstring.
 
     Parameters
     ----------
-    model_name, input_shape, num_classes : the registry model (fl.models)
+    model : the registry model the clients train (:class:`ModelSpec`)
     initial_state : theta_0 as a state dict
-    aggregation : "mean" | "fedld"
-    server_lr, server_momentum : theta <- theta + lr * (momentum-smoothed aggregate)
-    k_proportion, eigen_eps : FedLD principal-gradient settings (ALGORITHMS.md 2.3)
+    rule : aggregation, server momentum and learning rate (:class:`ServerRule`)
     policy : a MaskPolicy, or None for an unpruned model (FedLD)
     quantize : send kept values as per-block int8 (fl/wire)
-    proximal_mu : sent to clients (FedProx term), 0 = off
-    explore_fraction, explore_epochs : AutoFLIP's exploration phase
-    min_train_nodes, seed, sample_fraction : seeded sampling (strategies.seeded)
+    min_train_nodes, seed, sample_fraction, evaluate_fraction : seeded sampling
+        (strategies.seeded)
     """
 
     def __init__(
-        self, *, model_name: str, input_shape: tuple[int, ...], num_classes: int,
-        initial_state: Mapping[str, torch.Tensor], aggregation: str = "mean",
-        server_lr: float = 1.0, server_momentum: float = 0.0, k_proportion: float = 0.8,
-        eigen_eps: float = 1e-8, policy: MaskPolicy | None = None, quantize: bool = False,
-        proximal_mu: float = 0.0, explore_fraction: float = 1.0, explore_epochs: int = 1,
-        min_train_nodes: int = 2, seed: int = 0, sample_fraction: float = 1.0,
-        evaluate_fraction: float = 0.0,
+        self, *, model: ModelSpec, initial_state: Mapping[str, torch.Tensor],
+        rule: ServerRule | None = None, policy: MaskPolicy | None = None,
+        quantize: bool = False, min_train_nodes: int = 2, seed: int = 0,
+        sample_fraction: float = 1.0, evaluate_fraction: float = 0.0,
     ) -> None:
         super().__init__(seed=seed, sample_fraction=sample_fraction,
                          evaluate_fraction=evaluate_fraction)
-        if aggregation not in ("mean", "fedld"):
-            raise ValueError(f"aggregation: got {aggregation!r}; allowed: mean, fedld")
         self.min_train_nodes = min_train_nodes
-        self.model_name, self.input_shape, self.num_classes = model_name, input_shape, num_classes
+        self.spec, self.policy, self.quantize = model, policy, quantize
+        self.rule = rule if rule is not None else ServerRule()
         self.theta = {n: t.detach().clone() for n, t in initial_state.items()}
-        model = build_model(model_name, input_shape, num_classes)
-        self.buffer_names = {n for n, _ in model.named_buffers()}
-        self.prunable = prunable_names(model)
-        self.groups = groups_for(model_name, input_shape, num_classes) if policy else []
-        self.aggregation, self.server_lr = aggregation, server_lr
-        self.k_proportion, self.eigen_eps = k_proportion, eigen_eps
-        self.momentum = ServerMomentum(server_momentum)
-        self.policy, self.quantize, self.proximal_mu = policy, quantize, proximal_mu
-        self.explore_fraction, self.explore_epochs = explore_fraction, explore_epochs
+        full = model.build()
+        self.buffer_names = {n for n, _ in full.named_buffers()}
+        self.prunable = prunable_names(full)
+        self.groups = (groups_for(model.name, model.input_shape, model.num_classes)
+                       if policy else [])
+        self.momentum = ServerMomentum(self.rule.server_momentum)
         # the current view: structure (kept units), masks (full shapes), version
         self.structure = full_structure(self.groups)
         self.masks: dict[str, torch.Tensor] = {}
         self.weight_masks: dict[str, torch.Tensor] = {}
         self.mask_version = 0
         self.node_version: dict[int, int] = {}  # mask version each node holds
-        self._view: dict[str, Any] = {}
-        self._last_round: tuple[dict[str, torch.Tensor], list[tuple[int, dict]]] | None = None
-        self.keep_client_states = False  # set by the server for the loss decomposition
-        self._refresh_view()
+        self.view = self._make_view()
 
     # --- the view the clients train ---------------------------------------------------
-    def _refresh_view(self) -> None:
-        """Recompute the small model's state, masks, payloads and FLOPs after a change."""
+    def _make_view(self) -> ModelView:
+        """The small model's shapes, masks and FLOPs for the current structure and masks."""
         small = shrink_state(self.theta, self.groups, self.structure) if self.groups else {
             n: t.clone() for n, t in self.theta.items()}
         small_masks = (shrink_state(self.weight_masks, self.groups, self.structure)
                        if self.weight_masks else {})
-        model = (shrink_model(self.model_name, self.input_shape, self.num_classes,
-                              self.structure) if self.groups
-                 else build_model(self.model_name, self.input_shape, self.num_classes))
-        self._view = {
-            "small_shapes": {n: tuple(t.shape) for n, t in small.items()},
-            "small_masks": small_masks,
-            "model": model,
-            "flops": count_flops(model, self.input_shape),
-            "sparse_flops": (sparse_flops(model, small_masks, self.input_shape)
-                             if small_masks else None),
-        }
+        s = self.spec
+        model = (shrink_model(s.name, s.input_shape, s.num_classes, self.structure)
+                 if self.groups else s.build())
+        return ModelView(
+            small_shapes={n: tuple(t.shape) for n, t in small.items()},
+            small_masks=small_masks, model=model, flops=count_flops(model, s.input_shape),
+            sparse_flops=(sparse_flops(model, small_masks, s.input_shape)
+                          if small_masks else None))
 
-    def _payload(self, send_mask: bool) -> bytes:
+    def payload(self, send_mask: bool) -> bytes:
         """The current small model on the wire: with the mask, or against the mask the
         node already holds (the same bytes when nothing is masked)."""
         small = (shrink_state(self.theta, self.groups, self.structure) if self.groups
                  else self.theta)
-        return wire.encode(small, masks=self._view["small_masks"] or None,
+        return wire.encode(small, masks=self.view.small_masks or None,
                            mask_version=self.mask_version, send_mask=send_mask,
                            quantize=self.quantize)
 
     def _recompute_mask(self, server_round: int) -> None:
-        assert self.policy is not None
+        assert self.policy is not None  # only called when a policy is due
         s_ratio, u_ratio = self.policy.targets(server_round)
         plan = plan_masks(self.policy.scores(self.theta, server_round), self.groups, self.theta,
                           structured_ratio=s_ratio, unstructured_ratio=u_ratio,
@@ -142,7 +176,7 @@ class SparseStrategy(Population, Strategy):
                                                          plan.weight_masks)
         self.mask_version += 1
         self._apply_mask()
-        self._refresh_view()
+        self.view = self._make_view()
         log(INFO, "mask v%d: structured %.3f, unstructured %.3f, density %.3f",
             self.mask_version, s_ratio, u_ratio, self.density())
 
@@ -156,45 +190,6 @@ class SparseStrategy(Population, Strategy):
             return 1.0
         return density({n: self.masks[n] for n in self.prunable if n in self.masks})
 
-    # --- exploration (AutoFLIP) -----------------------------------------------------
-    def prepare(self, grid: Grid, timeout: float) -> dict[str, Any]:
-        """Run the exploration phase when the policy needs one; returns its cost."""
-        if not (isinstance(self.policy, AutoFLIPPolicy) and self.policy.guidance is None):
-            return {}
-        nodes = self._sample_explorers()
-        payload = self._payload(send_mask=True)
-        config = ConfigRecord({k.PHASE: k.PHASE_EXPLORE, k.LOCAL_EPOCHS: self.explore_epochs,
-                               k.SERVER_ROUND: 0})
-        content = RecordDict({k.PAYLOAD: wire.to_record(payload), k.CONFIG: config})
-        msgs = [Message(content, dst_node_id=n,
-                        message_type=f"{MessageType.TRAIN}.{k.EXPLORE_ACTION}") for n in nodes]
-        replies = self.order(grid.send_and_receive(msgs, timeout=timeout))
-        down = wire.message_nbytes(content) * len(msgs)
-        up = sum(wire.message_nbytes(r.content) for r in replies if not r.has_error())
-        deviations, counts, flops = [], [], 0
-        shapes = {n: tuple(self.theta[n].shape) for n in self.prunable}
-        for r in replies:
-            dev, reason = self._decode(r, shapes, known=None)
-            if dev is None:
-                log(WARNING, "exploration reply from node %d rejected: %s",
-                    r.metadata.src_node_id, reason)
-                continue
-            deviations.append(dev)
-            counts.append(int(r.content[k.METRICS][k.NUM_EXAMPLES]))
-            flops += int(r.content[k.METRICS].get(k.TRAIN_FLOPS, 0))
-        if not deviations:
-            raise RuntimeError("AutoFLIP exploration: no explorer replied with a valid update")
-        self.policy.start(deviations, counts)
-        log(INFO, "exploration: %d explorers, guidance built", len(deviations))
-        return {"explorers": len(deviations), "train_flops": flops, "bytes_down": down,
-                "bytes_up": up}
-
-    def _sample_explorers(self) -> list[int]:
-        from fl.sampling import sample_clients
-
-        return sample_clients(self.population, self.explore_fraction, 1, self.seed, 0,
-                              _EXPLORE_SALT)
-
     # --- Flower strategy hooks --------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -205,13 +200,14 @@ class SparseStrategy(Population, Strategy):
         needed = {self.node_version.get(n) != self.mask_version for n in nodes}
         records = {}
         for fresh in needed:
-            conf = ConfigRecord({**dict(config), k.SERVER_ROUND: server_round,
-                                 k.PHASE: k.PHASE_TRAIN, k.MASK_VERSION: self.mask_version,
-                                 k.PROXIMAL_MU: self.proximal_mu})
+            conf = ConfigRecord({**dict(config), contract.SERVER_ROUND: server_round,
+                                 contract.MASK_VERSION: self.mask_version,
+                                 contract.PROXIMAL_MU: self.rule.proximal_mu})
             if fresh and self.groups:
-                conf[k.STRUCTURE] = structure_to_json(self.structure)
+                conf[contract.STRUCTURE] = structure_to_json(self.structure)
             records[fresh] = RecordDict({
-                k.PAYLOAD: wire.to_record(self._payload(send_mask=fresh)), k.CONFIG: conf})
+                contract.PAYLOAD: wire.to_record(self.payload(send_mask=fresh)),
+                contract.CONFIG: conf})
         msgs = []
         for n in nodes:
             fresh = self.node_version.get(n) != self.mask_version
@@ -219,16 +215,19 @@ class SparseStrategy(Population, Strategy):
             self.node_version[n] = self.mask_version
         return msgs
 
-    def _decode(self, reply: Message, shapes: Mapping[str, tuple[int, ...]],
-                known: Mapping[str, torch.Tensor] | None
-                ) -> tuple[dict[str, torch.Tensor] | None, str]:
-        """A reply's update (decoded, checked), or None and the reason."""
+    def decode(self, reply: Message, shapes: Mapping[str, tuple[int, ...]],
+               known: Mapping[str, torch.Tensor] | None
+               ) -> tuple[dict[str, torch.Tensor] | None, str]:
+        """A reply's payload (decoded against ``known`` masks, checked against
+        ``shapes``), or None and the reason it was rejected."""
         if reply.has_error():
             return None, f"client error: {reply.error.reason}"
         try:
-            if k.METRICS not in reply.content or k.NUM_EXAMPLES not in reply.content[k.METRICS]:
-                return None, f"no {k.NUM_EXAMPLES} metric"
-            data = wire.from_record(reply.content[k.PAYLOAD])
+            metrics = reply.content[contract.METRICS] if contract.METRICS in reply.content \
+                else None
+            if metrics is None or contract.NUM_EXAMPLES not in metrics:
+                return None, f"no {contract.NUM_EXAMPLES} metric"
+            data = wire.from_record(reply.content[contract.PAYLOAD])
             update, _ = wire.decode(data, known_masks=known,
                                     known_mask_version=self.mask_version if known else None,
                                     max_elements=4 * sum(int(torch.Size(s).numel())
@@ -240,11 +239,11 @@ class SparseStrategy(Population, Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        shapes = self._view["small_shapes"]
-        known = self._view["small_masks"] or None
+        shapes = self.view.small_shapes
+        known = self.view.small_masks or None
         updates, counts, losses, nodes = [], [], [], []
         for r in self.order(replies):
-            upd, reason = self._decode(r, shapes, known)
+            upd, reason = self.decode(r, shapes, known)
             if upd is None:
                 log(WARNING, "round %d: reply from node %d rejected: %s", server_round,
                     r.metadata.src_node_id, reason)
@@ -253,47 +252,46 @@ class SparseStrategy(Population, Strategy):
                     if self.groups else upd)
             updates.append(full)
             nodes.append(r.metadata.src_node_id)
-            counts.append(int(r.content[k.METRICS][k.NUM_EXAMPLES]))
-            losses.append(float(r.content[k.METRICS].get(k.TRAIN_LOSS, float("nan"))))
+            metrics = r.content[contract.METRICS]
+            counts.append(int(metrics[contract.NUM_EXAMPLES]))
+            losses.append(float(metrics.get(contract.TRAIN_LOSS, float("nan"))))
         if len(updates) < self.min_train_nodes:
             log(WARNING, "round %d: %d valid replies, fewer than strategy.min_train_clients=%d; "
                 "the global model is unchanged", server_round, len(updates),
                 self.min_train_nodes)
             return None, None
-        if self.aggregation == "fedld":
+        if self.rule.aggregation == "fedld":
             agg = fedld_aggregate(updates, counts, first_round=server_round == 1,
-                                  buffer_names=self.buffer_names, k_proportion=self.k_proportion,
-                                  eps=self.eigen_eps)
+                                  buffer_names=self.buffer_names,
+                                  k_proportion=self.rule.k_proportion, eps=self.rule.eigen_eps)
         else:
             agg = mean_rule(updates, counts)
-        if self.keep_client_states:  # theta_k = theta_g + Delta_k, for the diagnostic
-            self._last_round = (self.theta, list(zip(nodes, updates)))
+        if self.tracks_client_states:  # theta_k = theta_g + Delta_k, for the diagnostic
+            self._client_states = [(n, apply_update(self.theta, u, 1.0,
+                                                    buffer_names=self.buffer_names))
+                                   for n, u in zip(nodes, updates)]
         step = self.momentum.step(agg, skip=self.buffer_names)
-        self.theta = apply_update(self.theta, step, self.server_lr,
+        self.theta = apply_update(self.theta, step, self.rule.server_lr,
                                   buffer_names=self.buffer_names)
         self._apply_mask()
         if self.policy is not None:
             self.policy.observe(updates, counts)
         total = sum(counts)
         metrics = MetricRecord({
-            k.NUM_EXAMPLES: total,
-            k.TRAIN_LOSS: sum(l_ * c for l_, c in zip(losses, counts)) / total,
+            contract.NUM_EXAMPLES: total,
+            contract.TRAIN_LOSS: sum(l_ * c for l_, c in zip(losses, counts)) / total,
         })
         return ArrayRecord(self.theta), metrics
 
-    def client_states(self, replies: Iterable[Message]) -> list[tuple[int, dict]]:
+    def client_states(self) -> list[ClientState]:
         """(node id, full model state) of the last round's accepted clients."""
-        if self._last_round is None:
-            return []
-        theta, updates = self._last_round
-        return [(n, apply_update(theta, u, 1.0, buffer_names=self.buffer_names))
-                for n, u in updates]
+        return list(self._client_states)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if self.evaluate_fraction <= 0.0:
             return []
-        content = RecordDict({k.ARRAYS: arrays, k.CONFIG: config})
+        content = RecordDict({contract.ARRAYS: arrays, contract.CONFIG: config})
         return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE)
                 for n in self.sample(server_round, salt=1)]
 
@@ -302,18 +300,19 @@ class SparseStrategy(Population, Strategy):
         ok = [r for r in replies if not r.has_error()]
         if not ok:
             return None
-        total = sum(int(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in ok)
-        acc = sum(float(r.content[k.METRICS][k.EVAL_ACCURACY])
-                  * int(r.content[k.METRICS][k.NUM_EXAMPLES]) for r in ok) / max(1, total)
-        return MetricRecord({k.EVAL_ACCURACY: acc, k.NUM_EXAMPLES: total})
+        metrics = [r.content[contract.METRICS] for r in ok]
+        total = sum(int(m[contract.NUM_EXAMPLES]) for m in metrics)
+        acc = sum(float(m[contract.EVAL_ACCURACY]) * int(m[contract.NUM_EXAMPLES])
+                  for m in metrics) / max(1, total)
+        return MetricRecord({contract.EVAL_ACCURACY: acc, contract.NUM_EXAMPLES: total})
 
     def round_info(self) -> dict[str, Any]:
         """What the round record shows beside accuracy: density, units, FLOPs."""
         info: dict[str, Any] = {"density": round(self.density(), 6),
                                 "mask_version": self.mask_version,
-                                "flops_per_example": self._view["flops"]}
-        if self._view["sparse_flops"] is not None:
-            info["sparse_flops_per_example"] = self._view["sparse_flops"]
+                                "flops_per_example": self.view.flops}
+        if self.view.sparse_flops is not None:
+            info["sparse_flops_per_example"] = self.view.sparse_flops
         if self.groups:
             info["kept_units"] = " ".join(f"{g.name}:{len(self.structure[g.name])}/{g.n_units}"
                                           for g in self.groups)
@@ -321,8 +320,8 @@ class SparseStrategy(Population, Strategy):
 
     def summary(self) -> None:
         log(INFO, "\t├──> %s: aggregation %s, server lr %s, momentum %s, policy %s",
-            type(self).__name__, self.aggregation, self.server_lr, self.momentum.beta,
-            self.policy.name if self.policy else "none")
+            type(self).__name__, self.rule.aggregation, self.rule.server_lr,
+            self.momentum.beta, self.policy.name if self.policy else "none")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (checkpoints): model, masks, momentum, policy.
@@ -335,7 +334,7 @@ class SparseStrategy(Population, Strategy):
                 "momentum": self.momentum.state_dict(),
                 "policy": self.policy.state_dict() if self.policy else {}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.theta = dict(state["theta"])
         self.masks, self.weight_masks = dict(state["masks"]), dict(state["weight_masks"])
         self.structure, self.mask_version = dict(state["structure"]), int(state["mask_version"])
@@ -343,8 +342,8 @@ class SparseStrategy(Population, Strategy):
         if self.policy is not None:
             self.policy.load_state_dict(state["policy"])
         self.node_version = {}
-        self._refresh_view()
+        self.view = self._make_view()
 
-    def structure_json(self) -> str:
+    def structure_json(self) -> str | None:
         """The kept units (what `bonsai export` needs to rebuild the small model)."""
-        return structure_to_json(self.structure)
+        return structure_to_json(self.structure) if self.groups else None

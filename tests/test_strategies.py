@@ -12,8 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import decompose_handler, explore_handler, train_handler
 from fl import config as c
-from fl import contract as k
-from fl import wire
+from fl import contract, wire
 from fl.data import load_federated
 from fl.models import build_model
 from strategies import FedLD, PrunedStrategy, SeededFedAvg, build_strategy
@@ -56,8 +55,9 @@ class LoopbackGrid:
         for m in messages:
             ctx = self.contexts[m.metadata.dst_node_id]
             kind = m.metadata.message_type
-            handler = (explore_handler if kind.endswith(k.EXPLORE_ACTION) else
-                       decompose_handler if kind.endswith(k.DECOMPOSE_ACTION) else train_handler)
+            handler = (explore_handler if kind.endswith(contract.EXPLORE_ACTION) else
+                       decompose_handler if kind.endswith(contract.DECOMPOSE_ACTION)
+                       else train_handler)
             out.append(handler(m, ctx))
         return out
 
@@ -75,12 +75,14 @@ def test_autoflip_rounds_mask_travels_once_and_pruned_entries_stay_zero():
                                 "pruning.schedule_start=0.5")
     grid = LoopbackGrid(contexts)
     cost = s.prepare(grid, timeout=60)
-    assert cost["explorers"] == 3 and cost["bytes_down"] > 0 and cost["train_flops"] > 0
+    assert cost.clients == 3 and cost.bytes_down > 0 and cost.train_flops > 0
     assert s.policy.guidance is not None
     m1, _, a1 = one_round(s, grid, 1)
-    assert s.mask_version == 1 and all(k.STRUCTURE in m.content[k.CONFIG] for m in m1)
+    assert s.mask_version == 1
+    assert all(contract.STRUCTURE in m.content[contract.CONFIG] for m in m1)
     m2, _, _ = one_round(s, grid, 2)  # mask_every=2: same mask, sent against it
-    assert s.mask_version == 1 and not any(k.STRUCTURE in m.content[k.CONFIG] for m in m2)
+    assert s.mask_version == 1
+    assert not any(contract.STRUCTURE in m.content[contract.CONFIG] for m in m2)
     size = lambda m: wire.message_nbytes(m.content)  # noqa: E731
     # bitmap of the 8-bit-per-entry mask is gone: smaller by about n/8 bytes
     n_prunable = sum(s.theta[n].numel() for n in s.prunable)
@@ -92,8 +94,8 @@ def test_autoflip_rounds_mask_travels_once_and_pruned_entries_stay_zero():
         assert torch.count_nonzero(theta[name][~mask]) == 0, name
     # the clients trained a physically smaller model
     fc1_small = r3[0].content  # the reply carries the update of the small model
-    upd, _ = wire.decode(wire.from_record(fc1_small[k.PAYLOAD]),
-                         known_masks=s._view["small_masks"], known_mask_version=2)
+    upd, _ = wire.decode(wire.from_record(fc1_small[contract.PAYLOAD]),
+                         known_masks=s.view.small_masks, known_mask_version=2)
     assert upd["fc1.weight"].shape[0] == len(s.structure["fc1"]) < 128
     info = s.round_info()
     assert info["flops_per_example"] < 2 * (64 * 128 + 128 * 64 + 64 * 10)
@@ -102,8 +104,9 @@ def test_autoflip_rounds_mask_travels_once_and_pruned_entries_stay_zero():
 
 def _reply(msg, payload_tensors, n=10, **encode_kw):
     data = wire.encode(payload_tensors, **encode_kw)
-    return Message(RecordDict({k.PAYLOAD: wire.to_record(data),
-                               k.METRICS: MetricRecord({k.NUM_EXAMPLES: n})}), reply_to=msg)
+    metrics = MetricRecord({contract.NUM_EXAMPLES: n})
+    return Message(RecordDict({contract.PAYLOAD: wire.to_record(data), contract.METRICS: metrics}),
+                   reply_to=msg)
 
 
 def test_bad_replies_are_rejected_and_the_rest_aggregated(caplog):
@@ -137,8 +140,8 @@ def test_bad_replies_are_rejected_and_the_rest_aggregated(caplog):
 def test_unknown_mask_version_is_rejected(caplog):
     _, s, contexts = experiment("strategy.name=magnitude", "pruning.mask_every=1")
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord({}), None))
-    small = s._view["small_masks"]
-    update = {n: torch.zeros(shape) for n, shape in s._view["small_shapes"].items()}
+    small = s.view.small_masks
+    update = {n: torch.zeros(shape) for n, shape in s.view.small_shapes.items()}
     update["fc1.num_batches_tracked"] = None
     update = {n: t for n, t in update.items() if t is not None}
     stale = _reply(msgs[0], update, masks=small, mask_version=99, send_mask=False)
@@ -149,7 +152,7 @@ def test_unknown_mask_version_is_rejected(caplog):
 
 def test_fedld_rounds_move_the_model_with_the_principal_gradient():
     _, s, contexts = experiment("strategy.name=fedld", "strategy.k_proportion=0.5")
-    assert isinstance(s, FedLD) and s.aggregation == "fedld"
+    assert isinstance(s, FedLD) and s.rule.aggregation == "fedld"
     grid = LoopbackGrid(contexts)
     accs = []
     for rnd in (1, 2, 3):
@@ -163,10 +166,10 @@ def test_margin_lambda_reaches_the_client_objective():
     cfg, s, contexts = experiment("strategy.name=fedld", "objective.margin_lambda=0.5")
     grid = LoopbackGrid(contexts)
     _, replies, _ = one_round(s, grid, 1)
-    loss_margin = np.mean([r.content[k.METRICS][k.TRAIN_LOSS] for r in replies])
+    loss_margin = np.mean([r.content[contract.METRICS][contract.TRAIN_LOSS] for r in replies])
     cfg, s, contexts = experiment("strategy.name=fedld")
     _, replies, _ = one_round(s, LoopbackGrid(contexts), 1)
-    loss_plain = np.mean([r.content[k.METRICS][k.TRAIN_LOSS] for r in replies])
+    loss_plain = np.mean([r.content[contract.METRICS][contract.TRAIN_LOSS] for r in replies])
     # log(1 + ||softmax||_F^2) >= log(1 + B/C) > 0: the reported objective is larger
     assert loss_margin > loss_plain
 
@@ -176,7 +179,7 @@ def test_baseline_builders():
     assert isinstance(s, SeededFedAvg)
     _, s, _ = experiment("strategy.name=random", "strategy.aggregation=fedld")
     assert isinstance(s, PrunedStrategy) and s.policy.name == "random"
-    assert s.aggregation == "fedld"
+    assert s.rule.aggregation == "fedld"
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "autoflip"])
@@ -186,7 +189,7 @@ def test_loss_decomposition_sums_to_the_measured_global_loss(strategy):
 
     cfg, s, contexts = experiment(f"strategy.name={strategy}", "diagnostics.decomposition_every=1")
     grid = LoopbackGrid(contexts)
-    s.keep_client_states = True
+    s.track_client_states(True)
     if strategy == "autoflip":
         s.prepare(grid, 60)
         theta = ArrayRecord(s.theta)
@@ -195,7 +198,7 @@ def test_loss_decomposition_sums_to_the_measured_global_loss(strategy):
     msgs = list(s.configure_train(1, theta, ConfigRecord({}), grid))
     replies = grid.send_and_receive(msgs)
     arrays, _ = s.aggregate_train(1, replies)
-    d = decompose_round(grid, s.client_states(replies), arrays, 1, 60)
+    d = decompose_round(grid, s.client_states(), arrays, 1, 60)
     assert d["loss_local"] + d["loss_shift"] + d["loss_aggregation"] == pytest.approx(
         d["loss_global"], abs=1e-12)
     # independently: the global model's mean loss over the three clients' data

@@ -446,7 +446,7 @@ def test_record_round_trip_and_message_nbytes():
     content = RecordDict(
         {
             contract.PAYLOAD: record,
-            contract.CONFIG: ConfigRecord({contract.SERVER_ROUND: 3, contract.LR: 0.1}),
+            contract.CONFIG: ConfigRecord({contract.SERVER_ROUND: 3, contract.MARGIN_LAMBDA: 0.1}),
             contract.METRICS: MetricRecord({contract.NUM_EXAMPLES: 12}),
         }
     )
