@@ -36,7 +36,8 @@ def test_unknown_key_names_key_and_suggests():
     ("rounds=0", "rounds: got 0; allowed: >= 1"),
     ("partition.alpha=0", "partition.alpha: got 0.0; allowed: > 0.0"),
     ("strategy.fraction_train=1.5", "strategy.fraction_train: got 1.5; allowed: <= 1.0"),
-    ("model=vgg", "model: got 'vgg'; allowed: mlp, cnn, resnet8"),
+    ("model=vgg", "model: got 'vgg'; allowed: mlp, cnn, resnet8, cnn_fedavg, cnn_leaf, "
+                  "lenet, resnet18_gn, char_lstm"),
     ("train.lr=.nan", "train.lr: got nan; expected a finite number"),
 ])
 def test_bad_type_range_choice(override, expect):
