@@ -201,10 +201,14 @@ class LeNet(nn.Module):
         self.conv1 = nn.Conv2d(c, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.pool = nn.MaxPool2d(2)
-        side = lambda n: ((n - 4) // 2 - 4) // 2  # noqa: E731  (conv5, pool2, conv5, pool2)
-        self.fc1 = nn.Linear(16 * side(h) * side(w), 120)
+        self.fc1 = nn.Linear(16 * self.side(h) * self.side(w), 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
+
+    @staticmethod
+    def side(n: int) -> int:
+        """Height/width of the maps before fc1: conv 5x5, pool 2, conv 5x5, pool 2."""
+        return ((n - 4) // 2 - 4) // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(torch.relu(self.conv1(x)))
