@@ -47,7 +47,7 @@ def resolve(arg: str, what: str = "experiment file") -> str:
     found = shipped().get(name)
     if found is not None and "/" not in name:
         return str(found)
-    raise CatalogError(f"{what}: {arg!r} is neither a file nor a shipped name; shipped: "
+    raise CatalogError(f"{what}: {arg!r} does not exist and is not a shipped name; shipped: "
                        f"{', '.join(names())} (`bonsai init DIR` copies them to edit)")
 
 

@@ -135,7 +135,9 @@ class ExperimentConfig:
     name: str = _f("quickstart")
     seed: int = _f(0, lo=0)
     rounds: int = _f(30, lo=1, hi=100_000)
-    model: str = _f("cnn", choices=("mlp", "cnn", "resnet8"))
+    model: str = _f("cnn", choices=("mlp", "cnn", "resnet8", "cnn_fedavg", "cnn_leaf", "lenet",
+                                    "resnet18_gn", "char_lstm"),
+                    doc="see README (models and their papers)")
     output_dir: str = _f("results", doc="results go to OUTPUT_DIR/NAME-TIMESTAMP")
     run_dir: str = _f("", doc="this run's folder (set by `bonsai run`; empty = derived)")
     resume: bool = _f(False, doc="continue from run_dir's checkpoint (bonsai run --resume)")
@@ -257,13 +259,45 @@ def build(values: Mapping[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-#: models that take (channels, height, width) inputs (fl.models builds them)
-IMAGE_MODELS = frozenset({"cnn", "resnet8"})
+#: models that take (channels, height, width) float inputs (fl.models builds them)
+IMAGE_MODELS = frozenset({"cnn", "resnet8", "cnn_fedavg", "cnn_leaf", "lenet", "resnet18_gn"})
+#: models that take int64 token ids of shape (sequence length,) per example
+TEXT_MODELS = frozenset({"char_lstm"})
+#: smallest height and width an image model accepts: its pooling needs at least this
+#: (lenet: two 5x5 'valid' convolutions and two 2x2 pools, 16 -> 12 -> 6 -> 2 -> 1)
+MIN_IMAGE_SIZE = {"cnn": 2, "cnn_fedavg": 4, "cnn_leaf": 4, "lenet": 16, "resnet8": 1,
+                  "resnet18_gn": 1}
+#: input shape of one example of the bundled datasets, known without loading them
+BUNDLED_INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits": (1, 8, 8), "synthetic": (60,)}
 
 
 def requires_image(name: str) -> bool:
     """True for models that need (channels, height, width) inputs."""
     return name in IMAGE_MODELS
+
+
+def requires_tokens(name: str) -> bool:
+    """True for models that take int64 token ids (N, sequence length), not floats."""
+    return name in TEXT_MODELS
+
+
+def input_problem(model: str, input_shape: tuple[int, ...]) -> str | None:
+    """Why ``model`` cannot take examples of ``input_shape``, or None.
+
+    The phrase follows the model's name, e.g. ``needs images of at least 16x16,
+    got 8x8``. The one place for the model/input rules: the config checks, the
+    data checks before a run and the model constructors (fl.models) all ask it.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if requires_image(model):
+        if len(shape) != 3:
+            return f"needs image inputs (channels, height, width), got shape {shape}"
+        least = MIN_IMAGE_SIZE.get(model, 1)
+        if min(shape[1:]) < least:
+            return f"needs images of at least {least}x{least}, got {shape[1]}x{shape[2]}"
+    if requires_tokens(model) and (len(shape) != 1 or shape[0] < 1):
+        return f"needs token-id sequences of shape (sequence length,), got shape {shape}"
+    return None
 
 
 def _cross_checks(cfg: ExperimentConfig) -> list[str]:
@@ -272,8 +306,13 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if cfg.strategy.min_train_clients > n:
         p.append(f"strategy.min_train_clients: got {cfg.strategy.min_train_clients}; "
                  f"allowed: <= partition.num_clients ({n})")
-    if cfg.dataset.name == "synthetic" and requires_image(cfg.model):
+    if cfg.dataset.name == "synthetic" and cfg.model != "mlp":
         p.append(f"model: got {cfg.model!r}; the synthetic dataset is vectors, allowed: mlp")
+    elif cfg.dataset.name in BUNDLED_INPUT_SHAPES:
+        problem = input_problem(cfg.model, BUNDLED_INPUT_SHAPES[cfg.dataset.name])
+        if problem:
+            p.append(f"model: got {cfg.model!r}; {cfg.model} {problem} (dataset.name="
+                     f"{cfg.dataset.name})")
     if cfg.dataset.name == "npz" and not cfg.dataset.path:
         p.append("dataset.path: got ''; dataset.name=npz needs the path of an .npz file")
     if cfg.dataset.name == "hf" and not cfg.dataset.hf_name:

@@ -43,7 +43,7 @@ from fl.checkpoint import CHECKPOINT, CheckpointError
 from fl.checkpoint import load as load_checkpoint
 from fl.config import ConfigError, ExperimentConfig, build
 from fl.data import load_test
-from fl.models import build_model
+from fl.models import build_model, example_input
 from fl.pruning import (
     UnitGroup,
     count_flops,
@@ -309,7 +309,7 @@ def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Pat
     g = load_global(results_dir)
     path = Path(out) if out else Path(results_dir) / f"model{SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(1, *g.input_shape)
+    example = example_input(g.small, g.input_shape)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -320,7 +320,9 @@ def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Pat
             warnings.simplefilter("ignore", FutureWarning)
             _save(g.small, example, fmt, path)
             predict, runtime, timed = _runner(fmt, path, g.small)
-        x_test = load_test(g.cfg).test.x.numpy().astype(np.float32)
+        x_test = load_test(g.cfg).test.x.numpy()
+        if x_test.dtype.kind == "f":  # token ids stay integers
+            x_test = x_test.astype(np.float32)
         with torch.no_grad():
             want = g.full(torch.from_numpy(x_test)).numpy()
         got = np.concatenate([predict(x_test[i:i + 256]) for i in range(0, len(x_test), 256)])

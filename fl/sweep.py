@@ -40,7 +40,15 @@ from typing import Any
 
 import yaml
 
-from fl.config import FIELDS, ConfigError, ExperimentConfig, _flatten_yaml, build, parse_override
+from fl.config import (
+    FIELDS,
+    ConfigError,
+    ExperimentConfig,
+    _flatten_yaml,
+    build,
+    input_problem,
+    parse_override,
+)
 from fl.results import SUMMARY_JSON, read_rounds
 
 __all__ = ["STUDY_JSON", "Cell", "Study", "StudyError", "cell_dir_name", "expand", "load_study",
@@ -303,12 +311,14 @@ def validate_cells(cells: list[Cell]) -> tuple[dict[str, ExperimentConfig], dict
 def check_partitions(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
     """Partition every offline dataset the cells use (once per dataset, partition and
     seed): cell id -> problem for the cells whose split cannot be made (e.g.
-    Dirichlet(0.1) cannot give 100 clients 2 examples each). ``hf`` is skipped."""
+    Dirichlet(0.1) cannot give 100 clients 2 examples each), or whose model cannot
+    take the dataset's examples (e.g. ``lenet`` on images under 16x16,
+    fl.config.input_problem). ``hf`` is skipped."""
     import warnings
 
-    from fl.data import DataError, prepare
+    from fl.data import DataError, dataset_info, prepare
 
-    seen: dict[tuple, str | None] = {}
+    seen: dict[tuple, tuple[str | None, tuple[int, ...] | None]] = {}
     bad: dict[str, list[str]] = {}
     for cid, cfg in configs.items():
         if cfg.dataset.name == "hf":
@@ -319,12 +329,16 @@ def check_partitions(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     prepare(cfg)  # also fills the data cache the cells read
-                seen[key] = None
+                seen[key] = (None, dataset_info(cfg)[0])
             except (DataError, ValueError, OSError) as e:
                 what = str(e) if isinstance(e, DataError) else f"data: {type(e).__name__}: {e}"
-                seen[key] = f"{what} (dataset {cfg.dataset.name}, seed {cfg.seed})"
-        if seen[key]:
-            bad[cid] = [seen[key]]
+                seen[key] = (f"{what} (dataset {cfg.dataset.name}, seed {cfg.seed})", None)
+        problem, shape = seen[key]
+        if problem:
+            bad[cid] = [problem]
+        elif shape is not None and (why := input_problem(cfg.model, shape)):
+            bad[cid] = [f"model: got {cfg.model!r}; {cfg.model} {why} (dataset "
+                        f"{cfg.dataset.name})"]
     return bad
 
 

@@ -36,7 +36,8 @@ def test_unknown_key_names_key_and_suggests():
     ("rounds=0", "rounds: got 0; allowed: >= 1"),
     ("partition.alpha=0", "partition.alpha: got 0.0; allowed: > 0.0"),
     ("strategy.fraction_train=1.5", "strategy.fraction_train: got 1.5; allowed: <= 1.0"),
-    ("model=vgg", "model: got 'vgg'; allowed: mlp, cnn, resnet8"),
+    ("model=vgg", "model: got 'vgg'; allowed: mlp, cnn, resnet8, cnn_fedavg, cnn_leaf, "
+                  "lenet, resnet18_gn, char_lstm"),
     ("train.lr=.nan", "train.lr: got nan; expected a finite number"),
 ])
 def test_bad_type_range_choice(override, expect):
@@ -106,3 +107,42 @@ def test_cli_bad_input_is_one_line_and_exit_2():
     out = subprocess.run([sys.executable, "-m", "fl.cli", "run", "simulations/quickstart.yaml",
                           "--set", "rounds"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (("model=lenet",), "model: got 'lenet'; lenet needs images of at least 16x16, got 8x8 "
+                       "(dataset.name=digits)"),
+    (("model=char_lstm",), "model: got 'char_lstm'; char_lstm needs token-id sequences of "
+                           "shape (sequence length,), got shape (1, 8, 8) (dataset.name=digits)"),
+    (("model=cnn_leaf", "dataset.name=synthetic"),
+     "model: got 'cnn_leaf'; the synthetic dataset is vectors, allowed: mlp"),
+])
+def test_model_that_cannot_take_the_datasets_examples(overrides, expect):
+    assert problems(*overrides) == [expect]
+
+
+def test_models_that_fit_digits_and_any_model_on_a_file_validate():
+    for model in ("cnn_fedavg", "cnn_leaf", "resnet18_gn", "cnn", "resnet8", "mlp"):
+        assert c.load(None, [f"model={model}"]).model == model
+    # an .npz's shape is known only once it is read: checked before the run (fl.sweep)
+    assert c.load(None, ["model=lenet", "dataset.name=npz", "dataset.path=x.npz"]).model == "lenet"
+
+
+def test_input_rules():
+    assert c.requires_tokens("char_lstm") and not c.requires_tokens("lenet")
+    assert c.requires_image("resnet18_gn") and not c.requires_image("char_lstm")
+    assert c.input_problem("lenet", (3, 32, 32)) is None
+    assert c.input_problem("lenet", (3, 16, 16)) is None
+    assert c.input_problem("lenet", (3, 15, 32)) == "needs images of at least 16x16, got 15x32"
+    assert c.input_problem("char_lstm", (80,)) is None
+    assert c.input_problem("mlp", (60,)) is None
+
+
+def test_validate_says_it_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "fl.cli", "validate",
+                           "simulations/quickstart.yaml", "--set", "model=lenet"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "bonsai: error: model: got 'lenet'; lenet needs images of at least 16x16, got 8x8 "
+        "(dataset.name=digits)"]

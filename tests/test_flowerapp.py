@@ -49,8 +49,8 @@ def test_shipped_files_by_name_and_path(tmp_path, monkeypatch):
     own = tmp_path / "quickstart.yaml"
     own.write_text("rounds: 3\n")
     assert catalog.resolve("quickstart.yaml") == "quickstart.yaml"  # a path wins
-    with pytest.raises(catalog.CatalogError, match="'nope' is neither a file nor a shipped "
-                                                  "name; shipped: .*quickstart"):
+    with pytest.raises(catalog.CatalogError, match="'nope' does not exist and is not a "
+                                                  "shipped name; shipped: .*quickstart"):
         catalog.resolve("nope")
 
 

@@ -182,3 +182,40 @@ def test_resume_refuses_bad_input(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "is not a valid, safe Bonsai checkpoint" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # untouched
+
+
+def test_autoflip_prunes_lenet_on_32x32_images_from_an_npz(tmp_path):
+    """A literature model in a real run: NIID-Bench's lenet on CIFAR-shaped images
+    (random, written here), AutoFLIP with 4 clients for 2 rounds, shrunk physically."""
+    import numpy as np
+    import torch
+
+    from fl.models import build_model
+    from fl.pruning import count_flops, groups_for, structure_from_json, structured_mask
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "cifar_like.npz"
+    np.savez(npz, x=rng.random((400, 3, 32, 32), dtype=np.float32),
+             y=np.arange(400, dtype=np.int64) % 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_dir, _ = run_ok(out, "lenet", [
+        "--set", "model=lenet", "--set", "dataset.name=npz", "--set", f"dataset.path={npz}",
+        "--set", "partition.kind=iid", "--set", "partition.num_clients=4", "--set",
+        "strategy.min_train_clients=4", "--set", "strategy.name=autoflip", "--set",
+        "pruning.mask_every=1", "--set", "pruning.schedule_rounds=1", "--set",
+        "train.local_epochs=1"])
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["clients"] == 4 for r in rounds[1:])
+    full_flops = count_flops(build_model("lenet", (3, 32, 32), 10), (3, 32, 32))
+    assert all(r["flops_per_example"] < full_flops for r in rounds[1:])
+    assert rounds[2]["density"] < 0.3  # half the units, then half the weights left
+    kept = dict(k.split(":") for k in rounds[2]["kept_units"].split())
+    assert kept == {"conv1": "3/6", "conv2": "8/16", "fc1": "60/120", "fc2": "42/84"}
+    state = torch.load(run_dir / "final_model.pt")
+    structure = structure_from_json((run_dir / "structure.json").read_text())
+    masks = structured_mask(groups_for("lenet", (3, 32, 32), 10), structure, state,
+                            strict=False)
+    for name, m in masks.items():
+        assert torch.count_nonzero(state[name][~m]) == 0, name

@@ -15,6 +15,7 @@ from fl import config as c
 from fl import contract, wire
 from fl.data import load_federated
 from fl.models import build_model
+from fl.pruning import count_flops
 from strategies import FedLD, PrunedStrategy, SeededFedAvg, build_strategy
 
 NODES = [101, 102, 103]
@@ -270,3 +271,30 @@ def test_a_round_cut_by_the_shutdown_is_neither_recorded_nor_checkpointed(tmp_pa
                    lambda rnd, arrays: {"accuracy": 0.5, "loss": 1.0},
                    RunRecorder(tmp_path / "b"), 60, stopping=lambda: True)
     assert sent == []
+
+
+@pytest.mark.parametrize("model, shape", [("lenet", (3, 16, 16)), ("resnet18_gn", (3, 8, 8))])
+def test_autoflip_shrinks_literature_models_through_real_client_handlers(tmp_path, model, shape):
+    """Exploration, a structured + unstructured mask, clients training the shrunk model
+    (GroupNorm groups removed whole for resnet18_gn), updates expanded on the server."""
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "images.npz"
+    np.savez(npz, x=rng.random((60, *shape), dtype=np.float32), y=np.arange(60) % 4)
+    cfg, s, contexts = experiment(
+        f"model={model}", "dataset.name=npz", f"dataset.path={npz}", "partition.kind=iid",
+        "strategy.name=autoflip", "pruning.mask_every=1", "pruning.schedule_start=1.0",
+        "train.batch_size=8")
+    grid = LoopbackGrid(contexts)
+    s.prepare(grid, timeout=60)
+    _, replies, arrays = one_round(s, grid, 1)
+    assert len(replies) == 3 and not any(r.has_error() for r in replies)
+    full = build_model(model, shape, 4)
+    assert all(len(s.structure[g.name]) == max(1, g.n_units // 2) for g in s.groups)
+    assert s.round_info()["flops_per_example"] < 0.5 * count_flops(full, shape)
+    theta = arrays.to_torch_state_dict()
+    for name, mask in s.masks.items():
+        assert torch.count_nonzero(theta[name][~mask]) == 0, name
+    if model == "resnet18_gn":  # a unit is a GroupNorm group: 32 channels of the stem
+        assert s.groups[0].name == "conv1" and s.groups[0].block == 32
+        kept = int(s.masks["gn1.weight"].sum())
+        assert kept == 32

@@ -160,6 +160,31 @@ def test_unsatisfiable_partition_is_caught_before_running(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_model_too_big_for_the_files_images_is_caught_before_running(tmp_path, capsys):
+    """An .npz's image size is known once the file is read: lenet on 8x8 images stops the
+    sweep (and `bonsai run`, through the same check) before anything starts."""
+    import numpy as np
+
+    from fl.config import load
+    from fl.sweep import check_partitions
+
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "small.npz"
+    np.savez(npz, x=rng.random((60, 1, 8, 8), dtype=np.float32), y=np.arange(60) % 3)
+    data = {"dataset": {"name": "npz", "path": str(npz)}}
+    base = {"rounds": 1, "partition": {"num_clients": 3, "kind": "iid"}, **data}
+    grid = {"model": {"lenet": {"model": "lenet"}, "fedavg": {"model": "cnn_fedavg"}}}
+    path = write_study(tmp_path, study_dict(tmp_path, base=base, grid=grid))
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert ("cell model=lenet: model: got 'lenet'; lenet needs images of at least 16x16, "
+            "got 8x8 (dataset npz)") in err
+    assert "model=fedavg" not in err and not (tmp_path / "out").exists()
+    sets = ["dataset.name=npz", f"dataset.path={npz}", "partition.kind=iid",
+            "partition.num_clients=3"]
+    assert check_partitions({"a": load(None, [*sets, "model=cnn_fedavg"])}) == {}
+
+
 def test_dry_run_lists_every_cell_and_its_status(tmp_path, capsys):
     path = write_study(tmp_path, study_dict(tmp_path, grid={"seed": [0, 1]}))
     configs, _ = validate_cells(expand(load_study(path)))

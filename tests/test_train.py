@@ -69,3 +69,49 @@ def test_recorder_writes_jsonl_csv_summary(tmp_path):
     assert s["total_bytes_down"] == 20 and s["rounds"] == 2
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == s
     assert np.isclose(s["train_seconds"], 0.0)
+
+
+def test_char_lstm_trains_on_int64_token_ids_with_pruned_entries_held_at_zero():
+    """Text models get their int64 ids as they are (no float conversion); the
+    AutoFLIP mask (structured + unstructured, LSTM weights included) holds."""
+    from fl.data import Arrays
+    from fl.pruning import groups_for, plan_masks, prunable_names, shrink_model, shrink_state
+
+    vocab, seq = 12, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (96, seq), generator=g)
+    data = Arrays(x, (x[:, -1] + 1) % vocab)  # next id = last id + 1: learnable
+    full = build_model("char_lstm", (seq,), vocab, seed=0)
+    state = full.state_dict()
+    groups = groups_for("char_lstm", (seq,), vocab)
+    scores = {n: torch.rand(state[n].shape, generator=g) for n in prunable_names(full)}
+    plan = plan_masks(scores, groups, state, structured_ratio=0.5, unstructured_ratio=0.5)
+    model = shrink_model("char_lstm", (seq,), vocab, plan.structure)
+    masked = {k: v * plan.masks[k] if k in plan.masks else v for k, v in state.items()}
+    model.load_state_dict(shrink_state(masked, groups, plan.structure))
+    masks = shrink_state(plan.weight_masks, groups, plan.structure)
+    assert set(masks) >= {"lstm1.weight_ih_l0", "lstm2.weight_hh_l0", "fc.weight"}
+    cpu = torch.device("cpu")
+    before, _ = evaluate(model, data, cpu)
+    cfg = c.load(None, ["train.local_epochs=8", "train.batch_size=16", "train.optimizer=adamw",
+                        "train.lr=0.01"]).train
+    train(model, data, cfg, seed=1, device=cpu, masks=masks)
+    after, _ = evaluate(model, data, cpu)
+    assert data.x.dtype == torch.int64
+    assert after < 0.5 * before, (before, after)
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        assert torch.count_nonzero(params[name].detach()[~m]) == 0, name
+
+
+def test_groupnorm_resnet_trains_a_step_on_cpu():
+    from fl.data import Arrays
+
+    g = torch.Generator().manual_seed(0)
+    data = Arrays(torch.randn(8, 3, 8, 8, generator=g), torch.arange(8) % 4)
+    model = build_model("resnet18_gn", (3, 8, 8), 4, seed=0)
+    w0 = model.layer4[1].gn2.weight.detach().clone()
+    cfg = c.load(None, ["train.local_epochs=1", "train.batch_size=8"]).train
+    result = train(model, data, cfg, seed=0, device=torch.device("cpu"))
+    assert result.steps == 1 and np.isfinite(result.loss)
+    assert not torch.equal(model.layer4[1].gn2.weight, w0)

@@ -5,7 +5,8 @@ Exploration", arXiv 2405.10271, as specified (and overridden) by ALGORITHMS.md
 section 1. One job per module:
 
 - :mod:`~fl.pruning.guidance`: exploration guidance, folding updates, GuidanceState
-- :mod:`~fl.pruning.groups`: coupled unit groups (torch-pruning dependency graph)
+- :mod:`~fl.pruning.tracing`: the torch-pruning dependency graph, with our LSTM and GroupNorm rules
+- :mod:`~fl.pruning.groups`: coupled unit groups (read from that graph)
 - :mod:`~fl.pruning.structured`: M_s, the kept units per group (a Structure)
 - :mod:`~fl.pruning.unstructured`: M_u, the hybrid mask, random/magnitude baselines
 - :mod:`~fl.pruning.shrink`: the physically smaller model and state maps between views

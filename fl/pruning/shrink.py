@@ -8,8 +8,9 @@ dicts (and boolean masks) between the two views. Both are pure index maps, so
 shrink -> expand is exact on kept entries and puts zeros (``False`` for masks)
 at removed units.
 
-The small model is built with torch-pruning (the same dependency graph that
-defined the groups, see :mod:`fl.pruning.groups`), so its layer shapes and
+The small model is built with torch-pruning (the same dependency graph, with
+the same LSTM and GroupNorm rules, that defined the groups; see
+:mod:`fl.pruning.tracing` and :mod:`fl.pruning.groups`), so its layer shapes and
 state-dict names match :func:`shrink_state` exactly.
 """
 
@@ -18,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from fl.models import build_model
-from fl.pruning.groups import UnitGroup, build_groups
+from fl.pruning.groups import UnitGroup, groups_for
 from fl.pruning.structured import validate_structure
+from fl.pruning.tracing import dependency_graph
 
 __all__ = ["expand_state", "shrink_model", "shrink_state"]
 
@@ -34,7 +35,7 @@ def _member_dims(groups: Sequence[UnitGroup], structure: Mapping[str, torch.Tens
     for g in groups:
         kept = structure[g.name]
         for m in g.members:
-            dims.setdefault(m.param, []).append((m.dim, m.positions(kept), g.n_units * m.width))
+            dims.setdefault(m.param, []).append((m.dim, m.positions(kept), m.size(g.n_units)))
     return dims
 
 
@@ -62,11 +63,9 @@ def shrink_model(
         model (load :func:`shrink_state` of the global state to train it).
     """
     model = build_model(model_name, input_shape, num_classes, seed=seed)
-    example = torch.zeros(1, *tuple(input_shape))
-    model.eval()
-    groups = build_groups(model, input_shape)
+    groups = groups_for(model_name, input_shape, num_classes)
     structure = validate_structure(structure, groups)
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    dg = dependency_graph(model, input_shape)
     modules = dict(model.named_modules())
     for g in groups:
         kept = set(structure[g.name].tolist())
@@ -74,12 +73,10 @@ def shrink_model(
         if not removed:
             continue
         root = modules[g.name]
-        fn = (
-            tp.prune_conv_out_channels
-            if isinstance(root, nn.Conv2d)
-            else (tp.prune_linear_out_channels)
-        )
-        dg.get_pruning_group(root, fn, idxs=removed).prune()
+        # the root's output channels of the removed units (a unit is `block` channels)
+        channels = [u * g.block + j for u in removed for j in range(g.block)]
+        fn = dg.get_pruner_of_module(root).prune_out_channels
+        dg.get_pruning_group(root, fn, idxs=channels).prune()
     model.train()
     return model
 

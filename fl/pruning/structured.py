@@ -129,6 +129,9 @@ def structure_from_json(text: str | Mapping[str, Sequence[int]]) -> Structure:
 def unit_scores(group: UnitGroup, guidance: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Score of every unit of ``group``: mean over producers of the mean fan-in guidance.
 
+    A unit's fan-in rows are its positions along dim 0 of each producer weight
+    (one row per channel of a GroupNorm group, one row per gate of an LSTM unit).
+
     Returns
     -------
     torch.Tensor
@@ -139,12 +142,16 @@ def unit_scores(group: UnitGroup, guidance: Mapping[str, torch.Tensor]) -> torch
         if p not in guidance:
             raise ValueError(f"guidance: missing tensor {p!r} (producer of group {group.name!r})")
         g = guidance[p]
-        if g.shape[0] != group.n_units:
+        m = group.member(p, 0)
+        rows = m.size(group.n_units)
+        if g.shape[0] != rows:
             raise ValueError(
                 f"guidance: {p!r} has {g.shape[0]} rows, group {group.name!r} has "
-                f"{group.n_units} units (guidance must be in full-model shapes)"
+                f"{group.n_units} units over {rows} rows (guidance must be in full-model shapes)"
             )
-        total += g.detach().reshape(group.n_units, -1).to("cpu", torch.float64).mean(dim=1)
+        # rows are laid out (gate, unit, width): average each unit's rows in every gate
+        per_unit = g.detach().to("cpu", torch.float64).reshape(m.gates, group.n_units, -1)
+        total += per_unit.mean(dim=(0, 2))
     return total / len(group.producers)
 
 
@@ -225,10 +232,10 @@ def structured_mask(
                 raise ValueError(f"shapes: missing tensor {m.param!r} of group {g.name!r}")
             s = shapes[m.param]
             shape = tuple(s.shape) if isinstance(s, torch.Tensor) else tuple(s)
-            if shape[m.dim] != g.n_units * m.width:
+            if shape[m.dim] != m.size(g.n_units):
                 raise ValueError(
                     f"shapes: {m.param!r} dim {m.dim} has size {shape[m.dim]}, expected "
-                    f"{g.n_units * m.width} (full-model shape)"
+                    f"{m.size(g.n_units)} (full-model shape)"
                 )
             mask = masks.setdefault(m.param, torch.ones(shape, dtype=torch.bool))
             mask.index_fill_(m.dim, m.positions(gone), False)
