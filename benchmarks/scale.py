@@ -66,8 +66,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fl.config import build  # noqa: E402
+from fl.proctree import descendants  # noqa: E402
 from fl.results import read_rounds  # noqa: E402
-from fl.runtime import CONNECTION, SimulationRuntime, _bin, _toml_value, descendants  # noqa: E402
+from fl.runtime import CONNECTION, SimulationRuntime, flower_bin, toml_value  # noqa: E402
 
 PLAIN_APP = ROOT / "benchmarks" / "plain_flower"
 EXAMPLES_PER_CLIENT = 180
@@ -212,13 +213,13 @@ def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str
     rc = {"num-server-rounds": a.rounds, "fraction-train": min(1.0, a.sampled / n),
           "local-epochs": a.epochs, "batch-size": 16, "lr": 0.05, "momentum": 0.9,
           "test-fraction": 0.2, "seed": 0, "data-path": str(data), "times-path": str(times)}
-    run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in rc.items()))
+    run_config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in rc.items()))
     fed = f"num-supernodes={n} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
     log_dir = work / f"plain-{n}"
     with SimulationRuntime(log_dir) as rt:
         log = open(log_dir / "flower.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [_bin("flwr"), "run", str(PLAIN_APP), CONNECTION, "--stream", "--run-config",
+            [flower_bin("flwr"), "run", str(PLAIN_APP), CONNECTION, "--stream", "--run-config",
              str(run_config), "--federation-config", fed],
             env={**rt.env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, cwd=str(PLAIN_APP), start_new_session=True)

@@ -1,4 +1,4 @@
-"""The watcher process behind :class:`fl.runtime.Watchdog`: when the ``bonsai``
+"""The watcher process behind :class:`Watchdog`: when the ``bonsai``
 process dies without its teardown (SIGKILL, a crash, a closed terminal), it ends
 the process trees that process started and removes their temporary folders.
 
@@ -17,7 +17,7 @@ Why a process, and why this one:
   no race with a reused PID.
 - Linux hands an orphan to init (or the nearest child subreaper), where no walk
   down from our roots finds it, and Ray's agents cannot be found by the
-  environment marker either (:class:`fl.runtime.Orphans`). The watcher is not
+  environment marker either (:class:`fl.proctree.Orphans`). The watcher is not
   their ancestor, so it cannot be their subreaper; it keeps a record instead:
   every :data:`SCAN_SECONDS` it walks the trees of the roots it was given
   (descendants, and the sessions they lead) and remembers each process by PID
@@ -49,18 +49,75 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from fl.runtime import kill_until_quiet, marked, proc_table
+from fl.proctree import MARKER_ENV, kill_until_quiet, marked, proc_table, start_time
 
 SCAN_SECONDS = 0.5
 
 Ids = dict[int, int]  #: pid -> start time
+
+
+
+WATCHDOG_LOG = "watchdog.log"
+
+
+class Watchdog:
+    """A watcher process that ends our process trees and removes our temp dirs when
+    this process dies without a teardown, even by SIGKILL (:mod:`fl.watchdog` is
+    its side, and says why it is built this way).
+
+    Start it before the processes it guards, :meth:`watch` their roots, and
+    :meth:`close` it after the teardown ended them: it then exits without acting.
+    """
+
+    def __init__(self, marker: str | None, remove: Sequence[str | Path] = (),
+                 log: str | Path | None = None):
+        # without the marker: no teardown of ours takes the watcher for a straggler
+        env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
+        self.proc: subprocess.Popen | None = subprocess.Popen(
+            [sys.executable, "-m", "fl.watchdog", str(os.getpid()), marker or "",
+             str(log or ""), *map(str, remove)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parent.parent, env=env, start_new_session=True)
+
+    def watch(self, pids: Iterable[int]) -> None:
+        """Have the watcher end these processes' trees if we die."""
+        ids = [f"{pid}:{st}" for pid in pids if (st := start_time(pid)) is not None]
+        if ids:
+            self._send("watch " + " ".join(ids))
+
+    def close(self) -> None:
+        """The trees were ended: let the watcher exit without acting. A second call
+        does nothing."""
+        if self.proc is None:
+            return
+        self._send("done")
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def _send(self, line: str) -> None:
+        if self.proc is None or self.proc.stdin is None:
+            return
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError:  # the watcher is gone (killed by hand): nothing to tell
+            pass
 
 
 def members(known: Mapping[int, int], marker: str | None = None) -> Ids:

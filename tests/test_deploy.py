@@ -266,7 +266,7 @@ def _one_line_exit_2(out: subprocess.CompletedProcess, mark: str, needle: str) -
 def _inproc(capsys, *args: str) -> tuple[subprocess.CompletedProcess, str]:
     """``bonsai deploy ARGS`` in this process (fast); 'nothing running' = no children."""
     from fl.cli import main
-    from fl.runtime import descendants
+    from fl.proctree import descendants
 
     capsys.readouterr()
     rc = main(["deploy", *args])

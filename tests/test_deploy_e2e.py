@@ -21,8 +21,8 @@ from fl.cli.deploy import plan_local, run_local, write_split
 from fl.config import load
 from fl.deploy import LocalNode
 from fl.export import export_run
+from fl.proctree import marked
 from fl.results import read_rounds
-from fl.runtime import marked
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

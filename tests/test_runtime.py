@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ORPHAN = textwrap.dedent("""
     import os, subprocess, sys
     from pathlib import Path
-    from fl.runtime import PR_GET_CHILD_SUBREAPER, Orphans, _prctl
+    from fl.proctree import PR_GET_CHILD_SUBREAPER, Orphans, _prctl
 
     def ppid(pid):
         stat = Path(f"/proc/{pid}/stat").read_text()

@@ -1,6 +1,6 @@
 """Teardown under fire: repeated signals hurry it and never abandon it
 (fl.interrupts), and a watchdog ends every process tree when ``bonsai`` itself
-is SIGKILLed (fl.runtime.Watchdog, fl.watchdog).
+is SIGKILLed (fl.watchdog.Watchdog).
 
 Processes are identified by PID and start time, so a reused PID is never taken
 for a survivor, and Ray's agents (whose environment cannot be read once they set
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from processes import ROOT, bonsai, leftovers, wait_gone
 
+from fl.proctree import MARKER_ENV, alive, descendants, start_time
 from fl.results import read_rounds
-from fl.runtime import MARKER_ENV, alive, descendants, start_time
 
 GONE_WITHIN = 10.0  # seconds: generous for a loaded 2-core machine; real runs take about 1 s
 
@@ -72,7 +72,7 @@ SECOND_SIGNAL = """
     from pathlib import Path
     from fl import interrupts
     from fl.deploy.processes import Processes
-    from fl.runtime import MARKER_ENV, alive
+    from fl.proctree import MARKER_ENV, alive
 
     marker, folder = sys.argv[1:3]
     interrupts.install()
@@ -138,7 +138,7 @@ def test_a_signal_during_a_teardown_is_raised_after_it():
 # --- the watchdog (fast, no Flower) ---------------------------------------------------------
 SPAWNER = """
     import os, subprocess, sys, time
-    from fl.runtime import MARKER_ENV
+    from fl.proctree import MARKER_ENV
 
     sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
     if sys.argv[1] == "tree":  # a child in our session, a grandchild in a new one
@@ -155,7 +155,7 @@ PARENT = """
     import json, os, sys, time
     from pathlib import Path
     from fl.deploy.processes import Processes
-    from fl.runtime import MARKER_ENV, descendants
+    from fl.proctree import MARKER_ENV, descendants
 
     marker, folder, log, spawner = sys.argv[1:5]
     procs = Processes({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)
@@ -205,7 +205,7 @@ def test_watchdog_leaves_everything_alone_after_a_normal_close(tmp_path):
         import os, sys
         from pathlib import Path
         from fl.deploy.processes import Processes
-        from fl.runtime import MARKER_ENV, alive
+        from fl.proctree import MARKER_ENV, alive
 
         marker, folder, log = sys.argv[1:4]
         procs = Processes({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)

@@ -58,9 +58,10 @@ from fl.deploy.processes import (
 )
 from fl.flowerapp import write_app, write_run_config
 from fl.node import DATA_PATH, DEVICE, DEVICES, METRICS_PATH, NUM_CLASSES, PARTITION_ID, THREADS
+from fl.proctree import MARKER_ENV
 from fl.progress import watch
 from fl.results import SUMMARY_JSON
-from fl.runtime import FLOWER_ENV, MARKER_ENV, RuntimeFailure, _bin
+from fl.runtime import FLOWER_ENV, RuntimeFailure, flower_bin
 
 USER_ERRORS = (KeyFileError, DeployError, DataError, ValueError)
 
@@ -386,7 +387,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             connection_toml("target", args.superlink, ca, insecure=args.insecure))
         run_config = write_run_config(cfg, Path(home) / "run_config.toml")
         app = write_app(Path(home) / "app")
-        cmd = [_bin("flwr"), "run", str(app), "target", "--stream",
+        cmd = [flower_bin("flwr"), "run", str(app), "target", "--stream",
                "--run-config", str(run_config)]
         env = {**_flower_env(os.urandom(8).hex()), "FLWR_HOME": home}
         return _foreground("flwr-run", cmd, env, cwd=str(app), remove=(home,))

@@ -35,14 +35,9 @@ from fl.deploy.processes import (
 )
 from fl.flowerapp import write_app
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
-from fl.runtime import (
-    FLOWER_ENV,
-    MARKER_ENV,
-    WATCHDOG_LOG,
-    ProcessContext,
-    _bin,
-    free_port,
-)
+from fl.proctree import MARKER_ENV
+from fl.runtime import FLOWER_ENV, ProcessContext, flower_bin, free_port
+from fl.watchdog import WATCHDOG_LOG
 
 __all__ = ["LocalFederation", "LocalNode", "existing_keys"]
 
@@ -198,7 +193,7 @@ class LocalFederation(ProcessContext):
         """Start ``flwr run APP bonsai-local --stream --run-config FILE``."""
         app = write_app(self.home / "app")
         return self.procs.start(
-            "flwr-run", [_bin("flwr"), "run", str(app), CONNECTION, "--stream",
+            "flwr-run", [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream",
                          "--run-config", str(run_config_toml)],
             self.log_dir / log_name, cwd=str(app))
 

@@ -4,8 +4,8 @@
 Every builder is a pure function of its arguments (so tests and ``--dry-run``
 can show the exact command); :class:`Processes` starts them as our children,
 each in its own session, with the caller's environment marker, and ends them
-(and whatever they spawned) by PID through :func:`fl.runtime.terminate_trees`,
-also when this process dies first (:class:`fl.runtime.Watchdog`).
+(and whatever they spawned) by PID through :func:`fl.proctree.terminate_trees`,
+also when this process dies first (:class:`fl.watchdog.Watchdog`).
 
 Flower 1.42 facts this relies on (docs/ARCHITECTURE.md, Deployment):
 - the SuperLink serves nodes, the ``flwr`` CLI and the ServerApp on one port;
@@ -28,15 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from fl import interrupts
-from fl.runtime import (
-    Orphans,
-    TeardownFailure,
-    Watchdog,
-    _bin,
-    _toml_value,
-    terminate_tree,
-    terminate_trees,
-)
+from fl.proctree import Orphans, terminate_tree, terminate_trees
+from fl.runtime import TeardownFailure, flower_bin, toml_value
+from fl.watchdog import Watchdog
 
 __all__ = [
     "REFUSED_EXIT_CODE",
@@ -97,7 +91,7 @@ class SuperNodeSpec:
 
 def superlink_command(spec: SuperLinkSpec) -> list[str]:
     """The ``flower-superlink`` command line for ``spec``."""
-    cmd = [_bin("flower-superlink"), "--host", spec.host, "--port", str(spec.port),
+    cmd = [flower_bin("flower-superlink"), "--host", spec.host, "--port", str(spec.port),
            "--isolation", "subprocess", "--disable-runtime-dependency-installation"]
     if spec.insecure:
         cmd.append("--insecure")
@@ -116,7 +110,7 @@ def superlink_command(spec: SuperLinkSpec) -> list[str]:
 
 def _node_value(key: str, v: Any) -> str:
     if not isinstance(v, str):
-        return _toml_value(v)
+        return toml_value(v)
     # Flower splits --node-config with a regex that knows no escapes: quote without them
     if '"' not in v and "\\" not in v:
         return f'"{v}"'
@@ -136,7 +130,7 @@ def node_config_string(node_config: Mapping[str, Any]) -> str:
 
 def supernode_command(spec: SuperNodeSpec) -> list[str]:
     """The ``flower-supernode`` command line for ``spec``."""
-    cmd = [_bin("flower-supernode"), "--superlink", spec.superlink, "--port", str(spec.port),
+    cmd = [flower_bin("flower-supernode"), "--superlink", spec.superlink, "--port", str(spec.port),
            "--isolation", "subprocess"]
     if spec.insecure:
         cmd.append("--insecure")
@@ -158,11 +152,11 @@ def connection_toml(name: str, address: str, root_cert: str | None,
                     insecure: bool = False, default: bool = True) -> str:
     """A ``$FLWR_HOME/config.toml`` with one SuperLink connection for the ``flwr`` CLI."""
     head = f'[superlink]\ndefault = "{name}"\n\n' if default else ""
-    body = f'[superlink.{name}]\naddress = {_toml_value(address)}\n'
+    body = f'[superlink.{name}]\naddress = {toml_value(address)}\n'
     if insecure:
         body += "insecure = true\n"
     elif root_cert:
-        body += f"root-certificates = {_toml_value(str(Path(root_cert).resolve()))}\n"
+        body += f"root-certificates = {toml_value(str(Path(root_cert).resolve()))}\n"
     return head + body
 
 
@@ -233,7 +227,7 @@ def wait_node(proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> int |
 def register_node(public_key: str | Path, connection: str, env: Mapping[str, str],
                   name: str | None = None, timeout: float = 60.0) -> int:
     """``flwr supernode register KEY.pub CONNECTION``; return the new node id."""
-    cmd = [_bin("flwr"), "supernode", "register", str(public_key), connection,
+    cmd = [flower_bin("flwr"), "supernode", "register", str(public_key), connection,
            "--format", "json"]
     if name:
         cmd += ["--name", name]
@@ -258,7 +252,7 @@ def register_node(public_key: str | Path, connection: str, env: Mapping[str, str
 class Processes:
     """Child processes started with one environment; ended together by PID.
 
-    From the first :meth:`start` a :class:`~fl.runtime.Watchdog` guards them: if
+    From the first :meth:`start` a :class:`~fl.watchdog.Watchdog` guards them: if
     this process dies without :meth:`close`, even by SIGKILL, it ends them and
     removes the ``remove`` folders (which :meth:`close` removes too); ``log``
     is where it reports that.
