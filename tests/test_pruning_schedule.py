@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fl.pruning import cubic_sparsity, mask_due
+from fl.config import PruningConfig
+from fl.pruning import cubic_sparsity
+from strategies.mask_policy import MaskPolicy
 
 
 def test_cubic_values():
@@ -28,9 +30,20 @@ def test_schedule_rejects_bad_values():
             cubic_sparsity(**kwargs)
 
 
-def test_mask_due():
-    assert [r for r in range(1, 11) if mask_due(r, 3)] == [3, 6, 9]
-    assert all(mask_due(r, 1) for r in range(1, 5))
-    assert not any(mask_due(r, 0) for r in range(1, 5))
-    with pytest.raises(ValueError, match="server_round"):
-        mask_due(0, 2)
+def test_policy_recomputes_the_mask_before_rounds_1_then_every_n():
+    """The schedule the strategies run: a mask before round 1, then before 1 + N, 1 + 2N."""
+    policy = MaskPolicy(PruningConfig(mask_every=3), prunable=[])
+    assert [r for r in range(1, 11) if policy.due(r)] == [1, 4, 7, 10]
+    every = MaskPolicy(PruningConfig(mask_every=1), prunable=[])
+    assert all(every.due(r) for r in range(1, 6))
+
+
+def test_policy_targets_follow_the_cubic_schedule_from_round_1():
+    cfg = PruningConfig(structured_ratio=0.4, unstructured_ratio=0.8, schedule_start=0.5,
+                        schedule_rounds=4)
+    policy = MaskPolicy(cfg, prunable=[])
+    # before round r, t = r - 1 rounds are done; s_i = start * s_f
+    assert policy.targets(1) == (pytest.approx(0.2), pytest.approx(0.4))
+    assert policy.targets(3) == (pytest.approx(0.4 - 0.2 / 8), pytest.approx(0.8 - 0.4 / 8))
+    assert policy.targets(5) == (pytest.approx(0.4), pytest.approx(0.8))
+    assert policy.targets(50) == (pytest.approx(0.4), pytest.approx(0.8))

@@ -76,14 +76,6 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
 
 
-def check_same_numel(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    if t.numel() != ref.numel():
-        raise ValueError(
-            f"{name}: expected {ref.numel()} entries like {ref_name}, got {t.numel()} "
-            f"(shape {tuple(t.shape)} vs {tuple(ref.shape)})"
-        )
-
-
 def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name}: on {t.device}, but {ref_name} is on {ref.device}")

@@ -25,7 +25,7 @@ from fl.pruning.groups import (
 )
 from fl.pruning.guidance import GuidanceState, exploration_guidance, fold_updates
 from fl.pruning.plan import MaskPlan, plan_masks
-from fl.pruning.schedule import cubic_sparsity, mask_due
+from fl.pruning.schedule import cubic_sparsity
 from fl.pruning.shrink import expand_state, shrink_model, shrink_state
 from fl.pruning.structured import (
     Structure,
@@ -66,7 +66,6 @@ __all__ = [
     "groups_for",
     "hybrid_mask",
     "magnitude_mask",
-    "mask_due",
     "prunable_names",
     "random_mask",
     "select_units",

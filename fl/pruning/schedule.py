@@ -1,15 +1,16 @@
-"""When to prune and how much: the cubic sparsity schedule and the mask period.
+"""How much to prune: the cubic sparsity schedule.
 
-ALGORITHMS.md 1.3 (AutoFLIP, Interno et al., arXiv 2405.10271): the target
+docs/ALGORITHMS.md §1.3 (AutoFLIP, Interno et al., arXiv 2405.10271): the target
 sparsities rise along s_t = s_final + (s_init - s_final)(1 - t / T)^3 (Zhu and
 Gupta, "To prune, or not to prune", arXiv 1710.01878, 2017) and stay at s_final
-after round T; every ``mask-every`` rounds the mask is recomputed from G. Both
-the structured and the unstructured ratio follow such a schedule.
+after round T. Both the structured and the unstructured ratio follow such a
+schedule; when the mask is recomputed is the mask policy's
+(strategies.mask_policy.MaskPolicy.due).
 """
 
 from __future__ import annotations
 
-__all__ = ["cubic_sparsity", "mask_due"]
+__all__ = ["cubic_sparsity"]
 
 
 def cubic_sparsity(t: int | float, total: int | float, s_init: float, s_final: float) -> float:
@@ -34,17 +35,3 @@ def cubic_sparsity(t: int | float, total: int | float, s_init: float, s_final: f
     if total == 0 or t >= total:
         return float(s_final)
     return float(s_final + (s_init - s_final) * (1.0 - t / total) ** 3)
-
-
-def mask_due(server_round: int, mask_every: int) -> bool:
-    """True when the mask is recomputed after ``server_round`` (1-based): every ``mask_every``.
-
-    The initial mask comes from the exploration guidance before round 1; after
-    that, rounds ``mask_every, 2*mask_every, ...`` recompute it. ``mask_every=0``
-    never recomputes.
-    """
-    if server_round < 1:
-        raise ValueError(f"server_round: must be >= 1, got {server_round}")
-    if mask_every < 0:
-        raise ValueError(f"mask_every: must be >= 0, got {mask_every}")
-    return mask_every > 0 and server_round % mask_every == 0
