@@ -10,6 +10,7 @@ import time
 from rich.console import Console
 
 from fl.cli.common import check_data, fail
+from fl.cli.run import writable_problem
 from fl.runtime import RuntimeFailure
 from fl.sweep import (
     StudyError,
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         cells = expand(study)
     except StudyError as e:
         return fail(e.problems)
+    problem = writable_problem(study.dir, "output_dir", study.output_dir)
+    if problem:
+        return fail(problem)
     configs, bad = validate_cells(cells)
     console = Console()
     if not args.no_data_check:
