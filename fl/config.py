@@ -13,14 +13,19 @@ import dataclasses
 import difflib
 import json
 import math
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from fl.yamlfile import YamlFileError, YamlSyntaxError, load_yaml, parse_yaml
 
 Scalar = bool | int | float | str
+
+
+#: unknown keys listed (each with a difflib suggestion) before the rest are counted
+MAX_UNKNOWN_SHOWN = 20
 
 
 class ConfigError(ValueError):
@@ -31,11 +36,43 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
+#: longest value shown in an error message (a 1 MB value must not make a 1 MB line)
+SHOWN_CHARS = 80
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = SHOWN_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters (``...`` marks a cut);
+    never builds the full repr of a huge value."""
+    return clip(_REPR.repr(value), limit)
+
+
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, ``...`` marking the cut."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def path_component_problem(key: str, value: str) -> str | None:
+    """Why ``value`` cannot be one folder name (``name``, a study's name), or None.
+
+    A name becomes part of a path (OUTPUT_DIR/NAME-TIMESTAMP): it must not hold a
+    path separator or NUL, or be empty, ``.`` or ``..``, so it stays inside OUTPUT_DIR.
+    """
+    if value in ("", ".", "..") or any(ch in value for ch in "/\\\0"):
+        return (f"{key}: got {shown(value)}; allowed: one folder name (not empty, '.' or "
+                "'..'; no '/', '\\' or NUL)")
+    return None
+
+
 def _f(default: Any, *, choices: Iterable[Any] | None = None, lo: float | None = None,
-       hi: float | None = None, lo_open: bool = False, doc: str = "") -> Any:
-    """A config field with its allowed values (checked by :func:`validate`)."""
+       hi: float | None = None, lo_open: bool = False, doc: str = "",
+       path_component: bool = False) -> Any:
+    """A config field with its allowed values (checked by :func:`build`)."""
     meta = {"choices": tuple(choices) if choices else None, "lo": lo, "hi": hi,
-            "lo_open": lo_open, "doc": doc}
+            "lo_open": lo_open, "doc": doc, "path_component": path_component}
     return field(default=default, metadata=meta)
 
 
@@ -49,8 +86,8 @@ class DatasetConfig:
                               doc="held-out centralized test split")
     synthetic_alpha: float = _f(1.0, lo=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
     synthetic_beta: float = _f(1.0, lo=0.0, doc="Synthetic(alpha, beta): data heterogeneity")
-    synthetic_devices: int = _f(30, lo=1, doc="devices the generator draws from")
-    synthetic_samples: int = _f(6000, lo=10, doc="total synthetic examples")
+    synthetic_devices: int = _f(30, lo=1, hi=100_000, doc="devices the generator draws from")
+    synthetic_samples: int = _f(6000, lo=10, hi=10_000_000, doc="total synthetic examples")
 
 
 @dataclass
@@ -132,7 +169,8 @@ class ResourcesConfig:
 
 @dataclass
 class ExperimentConfig:
-    name: str = _f("quickstart")
+    name: str = _f("quickstart", path_component=True,
+                   doc="results go to OUTPUT_DIR/NAME-TIMESTAMP: one folder name")
     seed: int = _f(0, lo=0)
     rounds: int = _f(30, lo=1, hi=100_000)
     model: str = _f("cnn", choices=("mlp", "cnn", "resnet8", "cnn_fedavg", "cnn_leaf", "lenet",
@@ -191,7 +229,8 @@ def _coerce(key: str, value: Any, problems: list[str]) -> Any:
         return float(value)
     if isinstance(value, want) and (want is bool or not is_bool):
         return value
-    problems.append(f"{key}: got {value!r} ({type(value).__name__}); expected {want.__name__}")
+    problems.append(f"{key}: got {shown(value)} ({type(value).__name__}); expected "
+                    f"{want.__name__}")
     return None
 
 
@@ -199,18 +238,22 @@ def _check_range(key: str, value: Any, problems: list[str]) -> None:
     m = FIELDS[key].metadata
     if m.get("choices") and value not in m["choices"]:
         allowed = ", ".join(map(str, m["choices"]))
-        problems.append(f"{key}: got {value!r}; allowed: {allowed}")
+        problems.append(f"{key}: got {shown(value)}; allowed: {clip(allowed, 400)}")
         return
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
-            problems.append(f"{key}: got {value!r}; expected a finite number")
+            problems.append(f"{key}: got {shown(value)}; expected a finite number")
             return
         lo, hi = m.get("lo"), m.get("hi")
         if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
             op = ">" if m.get("lo_open") else ">="
-            problems.append(f"{key}: got {value!r}; allowed: {op} {lo}")
+            problems.append(f"{key}: got {shown(value)}; allowed: {op} {lo}")
         elif hi is not None and value > hi:
-            problems.append(f"{key}: got {value!r}; allowed: <= {hi}")
+            problems.append(f"{key}: got {shown(value)}; allowed: <= {hi}")
+    if m.get("path_component") and isinstance(value, str):
+        problem = path_component_problem(key, value)
+        if problem:
+            problems.append(problem)
 
 
 def _flatten_yaml(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -224,15 +267,28 @@ def _flatten_yaml(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: keys that say where a run is written, not what it computes: a resumed run may differ in them
+PLACE_KEYS = frozenset({"output_dir", "run_dir", "resume"})
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for each flat key present in both with another value, the
+    :data:`PLACE_KEYS` aside (keys only one side knows are from another version)."""
+    return [f"{k}: {shown(old[k], 40)} -> {shown(new[k], 40)}" for k in new
+            if k in old and k not in PLACE_KEYS and old[k] != new[k]]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"partition.alpha=0.1"`` -> ``("partition.alpha", 0.1)`` (value parsed as YAML)."""
     if "=" not in text:
-        raise ConfigError([f"--set {text!r}: expected KEY=VALUE, e.g. rounds=20"])
+        raise ConfigError([f"--set {shown(text)}: expected KEY=VALUE, e.g. rounds=20"])
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(raw, f"--set {clip(key.strip())}") if raw.strip() else ""
+    except YamlSyntaxError:
         value = raw
+    except YamlFileError as e:  # a repeated key or an alias bomb in the value
+        raise ConfigError([str(e)]) from None
     return key.strip(), value
 
 
@@ -241,17 +297,23 @@ def build(values: Mapping[str, Any]) -> ExperimentConfig:
     every problem (unknown key, wrong type, out of range, inconsistent pair)."""
     problems: list[str] = []
     cfg = ExperimentConfig()
+    unknown = 0
     for key, value in values.items():
         if key not in FIELDS:
-            near = difflib.get_close_matches(key, FIELDS, n=1)
+            unknown += 1
+            if unknown > MAX_UNKNOWN_SHOWN:
+                continue
+            near = difflib.get_close_matches(key, FIELDS, n=1) if len(key) <= 100 else []
             hint = f"; did you mean {near[0]}?" if near else ""
-            problems.append(f"{key}: unknown key{hint} (see `bonsai keys`)")
+            problems.append(f"{clip(key, 100)}: unknown key{hint} (see `bonsai keys`)")
             continue
         v = _coerce(key, value, problems)
         if v is None:
             continue
         _check_range(key, v, problems)
         _set(cfg, key, v)
+    if unknown > MAX_UNKNOWN_SHOWN:
+        problems.append(f"... and {unknown - MAX_UNKNOWN_SHOWN} more unknown keys")
     if not problems:
         problems.extend(_cross_checks(cfg))
     if problems:
@@ -317,6 +379,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         p.append("dataset.path: got ''; dataset.name=npz needs the path of an .npz file")
     if cfg.dataset.name == "hf" and not cfg.dataset.hf_name:
         p.append("dataset.hf_name: got ''; dataset.name=hf needs a Hugging Face dataset id")
+    if cfg.resume and not cfg.run_dir:
+        p.append("resume: got True; set by `bonsai run FILE --resume RESULTS_DIR` (it needs "
+                 "the run's folder), not in a file or --set")
     if cfg.partition.kind == "natural" and cfg.dataset.name != "synthetic":
         p.append(f"partition.kind: got 'natural'; only dataset.name=synthetic has natural "
                  f"client ids (got {cfg.dataset.name!r})")
@@ -331,9 +396,12 @@ def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Exper
         if not p.is_file():
             raise ConfigError([f"experiment file: {str(p)!r} does not exist"])
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"experiment file {str(p)!r}: not valid YAML ({e})"]) from None
+            data = load_yaml(p, f"experiment file {str(p)!r}")
+        except YamlFileError as e:
+            raise ConfigError([str(e)]) from None
+        if data is None or data == {}:  # an empty file must not run the defaults silently
+            raise ConfigError([f"experiment file {str(p)!r} is empty (no keys); give at least "
+                               "one key, e.g. rounds: 30"])
         if not isinstance(data, Mapping):
             raise ConfigError([f"experiment file {str(p)!r}: expected a mapping of keys"])
         values.update(_flatten_yaml(data))

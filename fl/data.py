@@ -11,10 +11,27 @@ Datasets: ``digits`` (scikit-learn's bundled 8x8 real images, offline),
 2020), ``npz`` (a local file with ``x``/``y`` arrays; what a deployed node
 brings) and ``hf`` (any Hugging Face dataset through flwr-datasets; needs the
 network).
+
+Checks on every dataset a user brings (an .npz, a node's folder, a Hugging Face
+split), made before anything starts (``bonsai run``/``sweep``/``validate`` run
+:func:`prepare` in a child process; ``bonsai deploy`` checks node data):
+
+- the file is an .npz of plain arrays whose declared shapes match its bytes;
+- ``x`` holds real numbers that are finite as float32 (NaN, inf, or values beyond
+  float32's range are counted and the first one's index is named);
+- ``x`` of shape (N, H, W) is read as one-channel images (N, 1, H, W);
+- labels are integers 0..C-1 with every class 0..C-1 present at least once in
+  the dataset (train and test together), so one stray label of 100000 among
+  0..9 is an error, not a 100001-class model; a node's own file may lack
+  classes when its class count is declared (the experiment's dataset,
+  ``--num-classes``, or a ``num_classes`` scalar in the .npz);
+- the experiment's model can take the examples (:func:`fl.models.check_model_input`).
 """
 
 from __future__ import annotations
 
+import math
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +43,7 @@ import torch
 
 from fl import datacache
 from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig, requires_image
+from fl.models import check_model_input
 from fl.node import DATA_PATH, NUM_CLASSES, NUM_PARTITIONS, PARTITION_ID
 
 
@@ -111,23 +129,138 @@ def synthetic(
             np.concatenate(ds).astype(np.int64))
 
 
-def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """An .npz file with ``x`` (N, ...) float and ``y`` (N,) integer labels."""
+def _human(n: float) -> str:
+    """Bytes in decimal units (a message, not the progress table: no rich here)."""
+    units = ["B", "kB", "MB", "GB", "TB", "PB"]
+    while n >= 1000 and len(units) > 1:
+        n, units = n / 1000, units[1:]
+    return f"{n:.0f} {units[0]}" if units[0] == "B" else f"{n:.1f} {units[0]}"
+
+
+def _check_declared(f: Any, name: str, where: str) -> None:
+    """The shape and dtype an .npy member declares must fit the bytes it holds (a crafted
+    header of a few bytes must not make numpy allocate terabytes)."""
+    member = f.zip.getinfo(f"{name}.npy")
+    with f.zip.open(member) as fp:
+        version = np.lib.format.read_magic(fp)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(fp)
+        left = member.file_size - fp.tell()
+    if dtype.hasobject:
+        raise DataError(f"{where}: {name} holds Python objects; expected numbers (Bonsai "
+                        "never unpickles data)")
+    need = math.prod(shape) * dtype.itemsize
+    if need > left:
+        raise DataError(f"{where}: {name} declares shape {tuple(shape)} {dtype} "
+                        f"({_human(need)}) but the file holds {_human(left)} of it (truncated "
+                        "or damaged)")
+
+
+def check_finite(x: np.ndarray, where: str) -> None:
+    """Raise DataError naming how many values of ``x`` are NaN or infinite, and the first."""
+    rows = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))  # about 16M values at a time
+    count, first = 0, None
+    for start in range(0, len(x), rows):
+        bad = ~np.isfinite(x[start:start + rows])
+        n = int(bad.sum())
+        if n and first is None:
+            idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            first = (start + int(idx[0]), *(int(i) for i in idx[1:]))
+        count += n
+    if count:
+        raise DataError(f"{where}: x holds {count} non-finite value{'s' * (count > 1)} (NaN, "
+                        f"inf, or beyond float32's range); the first at index {first}")
+
+
+def check_labels(y: np.ndarray, where: str, num_classes: int | None = None) -> None:
+    """Labels must be 0..C-1. With ``num_classes`` declared, C is that number; otherwise
+    C = largest label + 1 and every class 0..C-1 must have an example, so a stray label
+    far above the others is reported instead of silently widening the model."""
+    if len(y) == 0:
+        raise DataError(f"{where}: holds no examples")
+    low, high = int(y.min()), int(y.max())
+    if low < 0:
+        raise DataError(f"{where}: label {low} (example {int(np.argmin(y))}) is negative; "
+                        "labels must be 0..C-1")
+    if num_classes is not None:
+        if high >= num_classes:
+            raise DataError(f"{where}: label {high} (example {int(np.argmax(y))}) is not below "
+                            f"the {num_classes} declared classes (labels 0..{num_classes - 1})")
+        return
+    labels = np.unique(y)  # sorted
+    missing = high + 1 - len(labels)
+    if missing:
+        gaps = np.flatnonzero(labels != np.arange(len(labels)))
+        first = int(gaps[0]) if len(gaps) else len(labels)
+        raise DataError(
+            f"{where}: labels must be 0..C-1 with every class present; the largest label is "
+            f"{high} (example {int(np.argmax(y))}) but {missing} of the classes 0..{high} have "
+            f"no example (class {first} is the first); fix the stray label(s) or relabel")
+
+
+def _as_examples(x: np.ndarray) -> np.ndarray:
+    """(N, H, W) is one-channel images: (N, 1, H, W); other shapes are kept."""
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _example_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one example after :func:`_as_examples` (``shape`` excludes N)."""
+    return (1, *shape) if len(shape) == 2 else tuple(shape)
+
+
+def load_npz(path: str | Path, key: str = "dataset.path") -> tuple[np.ndarray, np.ndarray]:
+    """An .npz file with ``x`` (N, ...) real numbers and ``y`` (N,) integer labels.
+
+    ``x`` comes back as finite float32 (N, H, W becomes N, 1, H, W), ``y`` as int64;
+    labels are checked by the caller (:func:`check_labels`). Raises DataError (one
+    line, naming ``key`` and the file) for anything else.
+    """
     p = Path(path)
+    where = f"{key}: {str(p)!r}"
     if not p.is_file():
-        raise DataError(f"dataset.path: {str(p)!r} does not exist")
-    with np.load(p, allow_pickle=False) as f:
+        raise DataError(f"{where} does not exist")
+    try:
+        f = np.load(p, allow_pickle=False)
+    except ValueError as e:
+        pickled = "pickled" in str(e)
+        raise DataError(f"{where} is not an .npz file of plain arrays ("
+                        + ("it holds pickled Python objects, which Bonsai never loads; "
+                           if pickled else "") + "write it with numpy.savez(path, x=..., y=...))"
+                        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{where} is not a readable .npz file of plain arrays "
+                        f"({type(e).__name__}); write it with numpy.savez(path, x=..., y=...)"
+                        ) from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise DataError(f"{where} is a single .npy array; expected an .npz file of plain "
+                        "arrays x and y (numpy.savez(path, x=..., y=...))")
+    with f:
         missing = {"x", "y"} - set(f.files)
         if missing:
-            raise DataError(f"dataset.path: {str(p)!r} has no array(s) {sorted(missing)}; "
-                            f"found {f.files}")
-        x, y = f["x"], f["y"]
+            raise DataError(f"{where} has no array(s) {sorted(missing)}; found {f.files}")
+        try:
+            for name in ("x", "y"):
+                _check_declared(f, name, where)
+            x, y = f["x"], f["y"]
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{where}: cannot read its arrays ({type(e).__name__}: "
+                            f"{str(e)[:120]})") from None
+        except MemoryError:
+            raise DataError(f"{where}: its arrays do not fit in this machine's memory") from None
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"dataset.path: {str(p)!r}: x must be (N, ...) and y (N,), got "
-                        f"{x.shape} and {y.shape}")
+        raise DataError(f"{where}: x must be (N, ...) and y (N,), got {x.shape} and {y.shape}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+            or x.dtype == bool):
+        raise DataError(f"{where}: x has dtype {x.dtype}; expected real numbers")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"dataset.path: {str(p)!r}: y must hold non-negative integer labels")
-    return x.astype(np.float32), y.astype(np.int64)
+        raise DataError(f"{where}: y must hold non-negative integer labels")
+    with np.errstate(over="ignore"):  # values beyond float32's range become inf: reported
+        x = x.astype(np.float32)
+    check_finite(x, where)
+    return _as_examples(x), y.astype(np.int64)
 
 
 def _hf(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -232,6 +365,7 @@ def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[Any, ...]:
     if dcfg.name == "hf":
         e = datacache.cached("hf", key, lambda: dict(zip(("xtr", "ytr", "xte", "yte"),
                                                          _hf(dcfg.hf_name))))
+        check_labels(np.concatenate([e["ytr"], e["yte"]]), _source(dcfg))
         return e["xtr"], e["ytr"], e["xte"], e["yte"], None, key
     groups = None
     if dcfg.name == "digits":
@@ -241,6 +375,7 @@ def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[Any, ...]:
                                  dcfg.synthetic_devices, dcfg.synthetic_samples, seed)
     else:
         x, y = load_npz(dcfg.path)
+        check_labels(y, _source(dcfg))
 
     def split() -> dict[str, np.ndarray]:
         tr, te = _stratified_split(y, dcfg.test_fraction, seed)
@@ -283,20 +418,48 @@ def load_federated(cfg: ExperimentConfig) -> FederatedData:
     )
 
 
+def _source(d: DatasetConfig) -> str:
+    """The config key and value that name ``d``'s data in messages."""
+    if d.name == "npz":
+        return f"dataset.path: {d.path!r}"
+    if d.name == "hf":
+        return f"dataset.hf_name: {d.hf_name!r}"
+    return f"dataset.name: {d.name!r}"
+
+
+def check_model_fit(model: str, input_shape: tuple[int, ...], num_classes: int,
+                    source: str) -> None:
+    """Raise DataError (one line) when ``model`` cannot take examples of ``input_shape``
+    (from ``source``, named in the message) or would be too large for them."""
+    if requires_image(model) and len(input_shape) != 3:
+        raise DataError(f"model: {model!r} takes images (channels, height, width); {source} "
+                        f"holds examples of shape {tuple(input_shape)} (use model=mlp, or store "
+                        "x as (N, C, H, W) or (N, H, W))")
+    try:
+        check_model_input(model, input_shape, num_classes)
+    except ValueError as e:
+        raise DataError(f"{e}; the examples come from {source}") from None
+
+
 def prepare(cfg: ExperimentConfig) -> None:
-    """Compute and store ``cfg``'s dataset split and partitions in the data cache
-    (fl.datacache), so that the simulation's processes only read them.
+    """Check ``cfg``'s data and model, and store the dataset split and partitions in the
+    data cache (fl.datacache), so that the simulation's processes only read them.
 
-    Raises DataError when the partition cannot be made (e.g. Dirichlet(0.1) cannot
-    give every client ``partition.min_size`` examples).
+    Raises DataError (one line) when the data is not usable (see the module
+    docstring: file, finite values, labels), does not fit the model, or the
+    partition cannot be made (e.g. Dirichlet(0.1) cannot give every client
+    ``partition.min_size`` examples).
     """
-    load_federated(cfg)
-
-
-def dataset_info(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
-    """(input_shape, num_classes) without building partitions where avoidable."""
     fd = load_federated(cfg)
-    return fd.input_shape, fd.num_classes
+    check_model_fit(cfg.model, fd.input_shape, fd.num_classes, _source(cfg.dataset))
+
+
+def check_dataset(cfg: ExperimentConfig) -> None:
+    """Check ``cfg.dataset`` (file, values, labels) and the model on it, without
+    partitioning: what a deployed server evaluates on, and ``bonsai validate``'s check
+    of a study's datasets. Raises DataError (one line)."""
+    ed = load_test(cfg)
+    check_model_fit(cfg.model, ed.input_shape, ed.num_classes, _source(cfg.dataset))
 
 
 @dataclass(frozen=True)
@@ -407,14 +570,24 @@ def load_local(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
         return x, y, len([d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")])
     if not p.exists():
         raise DataError(f"data-path: {str(p)!r} does not exist")
-    try:
-        x, y = load_npz(p)
-        with np.load(p, allow_pickle=False) as f:
-            n = int(f["num_classes"]) if "num_classes" in f.files else None
-    except DataError as e:
-        raise DataError(str(e).replace("dataset.path", "data-path", 1)) from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"data-path: {str(p)!r} is not a readable .npz file ({e})") from None
+    x, y = load_npz(p, key="data-path")
+    where = f"data-path: {str(p)!r}"
+    with np.load(p, allow_pickle=False) as f:
+        if "num_classes" not in f.files:
+            return x, y, None
+        try:
+            _check_declared(f, "num_classes", where)
+            n = f["num_classes"]
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{where}: cannot read num_classes ({type(e).__name__})") from None
+    if n.size != 1 or not np.issubdtype(n.dtype, np.integer) or int(n.reshape(())) < 1:
+        raise DataError(f"{where}: num_classes must be one integer >= 1, got shape "
+                        f"{n.shape} {n.dtype}")
+    n = int(n.reshape(()))
+    if len(y):
+        check_labels(y, where, n)
     return x, y, n
 
 
@@ -439,7 +612,8 @@ def _expected(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int] | None:
     if d.name == "npz" and p.is_file():
         try:
             with np.load(p, mmap_mode="r", allow_pickle=False) as f:
-                return tuple(int(s) for s in f["x"].shape[1:]), int(np.max(f["y"])) + 1
+                return (_example_shape(tuple(int(s) for s in f["x"].shape[1:])),
+                        int(np.max(f["y"])) + 1)
         except (OSError, ValueError, KeyError):
             return None
     return None
@@ -452,7 +626,8 @@ def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
     The model's input shape and class count come from the experiment's dataset
     when this machine can load it (the server's test data: bundled digits,
     synthetic, or an .npz present here); otherwise from ``num_classes`` (node
-    config), the file's own ``num_classes``, or its largest label + 1.
+    config), the file's own ``num_classes``, or its largest label + 1 (then every
+    class 0..largest must have an example: a stray label is reported).
 
     Raises
     ------
@@ -461,6 +636,8 @@ def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
         fit the experiment's model; the message names ``data-path``.
     """
     x, y, file_classes = load_local(path)
+    if len(y) == 0:
+        raise DataError(f"data-path: {path!r} holds no examples")
     shape = tuple(int(s) for s in x.shape[1:])
     expected = _expected(cfg)
     if expected is not None:
@@ -474,12 +651,12 @@ def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
         if requires_image(cfg.model) and len(shape) != 3:
             raise DataError(f"data-path: {path!r} holds examples of shape {shape}; model "
                             f"{cfg.model!r} takes images (channels, height, width)")
-        classes = int(y.max()) + 1 if len(y) else 1
-        classes = max(classes, file_classes or 0)
+        if file_classes is None and num_classes in (None, ""):
+            # nothing declares the class count: infer it, and refuse a stray label
+            check_labels(y, f"data-path: {path!r}")
+        classes = file_classes if file_classes is not None else int(y.max()) + 1
     if num_classes not in (None, ""):
         classes = int(num_classes)
-    if len(y) == 0:
-        raise DataError(f"data-path: {path!r} holds no examples")
     if int(y.max()) >= classes:
         raise DataError(f"data-path: {path!r} has label {int(y.max())}; the experiment's model "
                         f"has {classes} classes (labels 0..{classes - 1})")

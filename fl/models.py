@@ -15,6 +15,8 @@ Li et al., MLSys 2020); each class's docstring gives its layer list and source.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -61,6 +63,39 @@ def build_model(
 
 
 requires_image = config.requires_image  # the name rule lives with the config (no torch there)
+
+#: the largest model a run may build (4 GB of float32 weights, before optimizer state)
+MAX_PARAMETERS = 1_000_000_000
+
+
+def check_model_input(name: str, input_shape: tuple[int, ...], num_classes: int) -> int:
+    """Check that model ``name`` can be built for ``input_shape`` and ``num_classes`` and
+    take one such example; return its parameter count.
+
+    The model is built on PyTorch's meta device (shapes only, no memory, about a
+    millisecond), so an image model fed vectors, images too small for its pooling,
+    or inputs that would make a model of billions of weights are caught before any
+    process starts. Raises ValueError with one line.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"model: unknown value {name!r}; allowed: {', '.join(available_models())}")
+    shape = tuple(int(s) for s in input_shape)
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")  # zero-size layers warn; the forward pass decides
+            model = _REGISTRY[name](shape, int(num_classes))
+            params = sum(p.numel() for p in model.parameters())
+            if params > MAX_PARAMETERS:
+                raise ValueError(
+                    f"model: {name!r} on inputs of shape {shape} with {num_classes} classes has "
+                    f"{params:,} parameters; allowed: at most {MAX_PARAMETERS:,} (smaller "
+                    "inputs or fewer classes)")
+            model.eval()
+            model(torch.empty((1, *shape)))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"model: {name!r} cannot take inputs of shape {shape} ({first})") from None
+    return params
 
 
 class TokenModel(nn.Module):
@@ -317,7 +352,7 @@ def _checked(name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @register_model("mlp")
 def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return MLP(int(torch.tensor(input_shape).prod()), num_classes)
+    return MLP(math.prod(input_shape), num_classes)
 
 
 @register_model("cnn")

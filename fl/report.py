@@ -79,6 +79,26 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path}: cannot be read ({e})") from None
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: round-record keys the report computes with: a number (or null) when present
+NUMERIC_ROUND_KEYS = ("cum_bytes", "cum_flops", "loss_local", "loss_shift", "loss_aggregation",
+                      "loss_global")
+#: summary keys the report computes with: a number (or null) when present
+NUMERIC_SUMMARY_KEYS = ("final_accuracy", "best_accuracy", "rounds")
+
+
+def _wrong_type(obj: dict[str, Any], keys: Sequence[str]) -> str | None:
+    """``key: got VALUE`` for the first of ``keys`` holding a non-number, else None."""
+    for key in keys:
+        v = obj.get(key)
+        if v is not None and not _is_number(v):
+            return f"{key} is {json.dumps(v)[:40]}, expected a number"
+    return None
+
+
 def _read_rounds(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ReportError(f"{path}: missing (the cell has a summary but no round records)")
@@ -91,9 +111,12 @@ def _read_rounds(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ReportError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("round"), int) \
-                or not isinstance(rec.get("accuracy"), (int, float)):
+                or isinstance(rec.get("round"), bool) or not _is_number(rec.get("accuracy")):
             raise ReportError(f"{path}: line {i} is not a round record (needs round and "
                               "accuracy)")
+        wrong = _wrong_type(rec, NUMERIC_ROUND_KEYS)
+        if wrong:
+            raise ReportError(f"{path}: line {i}: {wrong}")
         out.append(rec)
     if not out:
         raise ReportError(f"{path}: no round records")
@@ -113,14 +136,22 @@ def load_study_dir(study_dir: str | Path) -> StudyData:
     if not isinstance(m, dict) or not isinstance(m.get("axes"), dict) \
             or not isinstance(m.get("cells"), list):
         raise ReportError(f"{manifest}: expected an object with axes and cells")
+    for a, v in m["axes"].items():
+        if not isinstance(v, list):
+            raise ReportError(f"{manifest}: axis {str(a)[:40]!r} is {json.dumps(v)[:40]}, "
+                              "expected a list of choice names")
     axes = {str(a): [str(c) for c in v] for a, v in m["axes"].items()}
     seed_axis = m.get("seed_axis")
-    seed_axis = seed_axis if seed_axis in axes else None
+    seed_axis = seed_axis if isinstance(seed_axis, str) and seed_axis in axes else None
     cells, unfinished = [], []
     for c in m["cells"]:
         if not isinstance(c, dict) or not {"id", "dir", "choices"} <= set(c):
             raise ReportError(f"{manifest}: a cell entry lacks id, dir or choices: {c!r:.80}")
-        cdir = d / str(c["dir"])
+        if not isinstance(c["choices"], dict) or not isinstance(c["dir"], str) \
+                or c["dir"] in ("", ".", "..") or "/" in c["dir"] or "\\" in c["dir"]:
+            raise ReportError(f"{manifest}: a cell entry needs choices as an object and dir "
+                              f"as one folder name: {c!r:.80}")
+        cdir = d / c["dir"]
         if not (cdir / SUMMARY_JSON).is_file():
             unfinished.append(str(c["id"]))
             continue
@@ -128,6 +159,9 @@ def load_study_dir(study_dir: str | Path) -> StudyData:
         config = _read_json(cdir / CONFIG_JSON)
         if not isinstance(summary, dict) or not isinstance(config, dict):
             raise ReportError(f"{cdir}: summary.json and config.json must be JSON objects")
+        wrong = _wrong_type(summary, NUMERIC_SUMMARY_KEYS)
+        if wrong:
+            raise ReportError(f"{cdir / SUMMARY_JSON}: {wrong}")
         cells.append(CellData(str(c["id"]), {str(k): str(v) for k, v in c["choices"].items()},
                               config, summary, _read_rounds(cdir / ROUNDS_JSONL), cdir))
     if not cells:

@@ -20,6 +20,8 @@ ROUNDS_JSONL = "rounds.jsonl"
 ROUNDS_CSV = "rounds.csv"
 SUMMARY_JSON = "summary.json"
 CONFIG_JSON = "config.json"
+#: the Flower run config ``bonsai run`` writes into the results folder before Flower starts
+RUN_CONFIG_TOML = "run_config.toml"
 #: written by ``bonsai run`` into the results folder before it stops the run's
 #: processes: the server records no round after it (server/rounds.py)
 STOPPING = "STOPPING"
@@ -111,3 +113,30 @@ def read_rounds(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return out
+
+
+def _flat(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The flat config (dotted keys) a Bonsai run folder was made with: its
+    ``config.json`` (written by the server), else its ``run_config.toml`` (written
+    by ``bonsai run`` before Flower starts); None when it holds neither readable."""
+    import tomllib
+
+    d = Path(run_dir)
+    for name, parse in ((CONFIG_JSON, json.loads), (RUN_CONFIG_TOML, tomllib.loads)):
+        try:
+            data = parse((d / name).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(data, Mapping):
+            return _flat(data)
+    return None

@@ -38,18 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fl.config import (
     FIELDS,
     ConfigError,
     ExperimentConfig,
     _flatten_yaml,
     build,
-    input_problem,
     parse_override,
+    path_component_problem,
+    shown,
 )
 from fl.results import SUMMARY_JSON, read_rounds
+from fl.yamlfile import YamlFileError, load_yaml
 
 __all__ = ["STUDY_JSON", "Cell", "Study", "StudyError", "cell_dir_name", "expand", "load_study",
            "run_study", "validate_cells"]
@@ -59,6 +59,8 @@ SEED_AXIS = "seed"
 _STUDY_KEYS = {"name", "output_dir", "base", "grid", "exclude", "description"}
 _LABEL_RE = re.compile(r"^[^,=\s/\\]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+#: keys every cell gets from the sweep (its folder, and never a resume)
+_SWEEP_KEYS = ("run_dir", "output_dir", "name", "resume")
 
 
 class StudyError(ValueError):
@@ -140,10 +142,10 @@ def _parse_axis(axis: str, spec: Any, problems: list[str]) -> dict[str, dict[str
                 overrides = {}
             if not isinstance(overrides, Mapping):
                 problems.append(f"{where}.{name}: expected a mapping of config keys, got "
-                                f"{overrides!r}")
+                                f"{shown(overrides)}")
                 continue
             out[_label(name)] = _flatten_yaml(overrides)
-            for key in ("run_dir", "output_dir", "name"):
+            for key in _SWEEP_KEYS:
                 if key in out[_label(name)]:
                     problems.append(f"{where}.{name}.{key}: set by the sweep; remove it")
     else:
@@ -153,7 +155,7 @@ def _parse_axis(axis: str, spec: Any, problems: list[str]) -> dict[str, dict[str
         problems.append(f"{where}: no choices")
     for label in out:
         if not _LABEL_RE.match(label):
-            problems.append(f"{where}: choice name {label!r} must not contain ',', '=', '/' "
+            problems.append(f"{where}: choice name {shown(label)} must not contain ',', '=', '/' "
                             "or spaces (it is part of the cell id)")
     if len(set(out)) != len(spec):
         problems.append(f"{where}: two choices have the same name")
@@ -200,17 +202,19 @@ def parse_study(data: Any, source: str = "study file",
             problems.append(f"{key}: unknown study key; allowed: {', '.join(sorted(_STUDY_KEYS))}"
                             " (experiment keys go under base:)")
     name = data.get("name")
-    if not isinstance(name, str) or not name or not _LABEL_RE.match(name):
-        problems.append(f"name: got {name!r}; expected a folder name (no ',', '=', '/', spaces)")
+    if not isinstance(name, str) or not _LABEL_RE.match(name) or path_component_problem(
+            "name", name):
+        problems.append(f"name: got {shown(name)}; expected one folder name (not '.' or '..'; "
+                        "no ',', '=', '/', '\\', spaces)")
     output_dir = data.get("output_dir", "results/studies")
     if not isinstance(output_dir, str) or not output_dir:
-        problems.append(f"output_dir: got {output_dir!r}; expected a folder path")
+        problems.append(f"output_dir: got {shown(output_dir)}; expected a folder path")
     base = data.get("base") or {}
     if not isinstance(base, Mapping):
         problems.append("base: expected a mapping of experiment keys")
         base = {}
     base = _flatten_yaml(base)
-    for key in ("run_dir", "output_dir", "name"):
+    for key in _SWEEP_KEYS:
         if key in base:
             problems.append(f"base.{key}: set by the sweep (each cell runs in STUDY_DIR/CELL); "
                             "remove it")
@@ -229,7 +233,7 @@ def parse_study(data: Any, source: str = "study file",
             extra[k] = v
     except ConfigError as e:
         problems.extend(e.problems)
-    for key in ("run_dir", "output_dir", "name"):
+    for key in _SWEEP_KEYS:
         if key in extra:
             problems.append(f"--set {key}: set by the sweep; change the study file instead")
     if problems:
@@ -244,10 +248,9 @@ def load_study(path: str | Path, overrides: Iterable[str] = ()) -> Study:
     if not p.is_file():
         raise StudyError([f"study file: {str(p)!r} does not exist"])
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else "parse error"
-        raise StudyError([f"study file {str(p)!r}: not valid YAML ({first})"]) from None
+        data = load_yaml(p, f"study file {str(p)!r}")
+    except YamlFileError as e:
+        raise StudyError([str(e)]) from None
     return parse_study(data, str(p), overrides)
 
 
@@ -308,37 +311,42 @@ def validate_cells(cells: list[Cell]) -> tuple[dict[str, ExperimentConfig], dict
     return ok, bad
 
 
-def check_partitions(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
-    """Partition every offline dataset the cells use (once per dataset, partition and
-    seed): cell id -> problem for the cells whose split cannot be made (e.g.
-    Dirichlet(0.1) cannot give 100 clients 2 examples each), or whose model cannot
-    take the dataset's examples (e.g. ``lenet`` on images under 16x16,
-    fl.config.input_problem). ``hf`` is skipped."""
+def check_partitions(configs: Mapping[str, ExperimentConfig],
+                     partitions: bool = True) -> dict[str, list[str]]:
+    """Check the data of every config whose dataset is offline (``hf`` is skipped): cell
+    id -> problem for the configs whose data is unusable (fl.data.prepare: file,
+    finite values, labels, shape against the model) or whose split cannot be made
+    (e.g. Dirichlet(0.1) cannot give 100 clients 2 examples each). Each distinct
+    dataset, partition and seed is built once, into the data cache the runs read.
+    ``partitions=False`` checks each distinct dataset, model and seed only
+    (fl.data.check_dataset; no partitioning: seconds for a study of hundreds of cells).
+    """
     import warnings
 
-    from fl.data import DataError, dataset_info, prepare
+    from fl.data import DataError, check_dataset, prepare
 
-    seen: dict[tuple, tuple[str | None, tuple[int, ...] | None]] = {}
+    seen: dict[tuple, str | None] = {}
     bad: dict[str, list[str]] = {}
     for cid, cfg in configs.items():
         if cfg.dataset.name == "hf":
             continue
-        key = (repr(cfg.dataset), repr(cfg.partition), cfg.seed)
+        key = ((repr(cfg.dataset), cfg.model, cfg.seed, repr(cfg.partition)) if partitions
+               else (repr(cfg.dataset), cfg.model))  # the data checks do not depend on seed
         if key not in seen:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    prepare(cfg)  # also fills the data cache the cells read
-                seen[key] = (None, dataset_info(cfg)[0])
+                    (prepare if partitions else check_dataset)(cfg)  # fills the data cache
+                seen[key] = None
             except (DataError, ValueError, OSError) as e:
                 what = str(e) if isinstance(e, DataError) else f"data: {type(e).__name__}: {e}"
-                seen[key] = (f"{what} (dataset {cfg.dataset.name}, seed {cfg.seed})", None)
-        problem, shape = seen[key]
-        if problem:
-            bad[cid] = [problem]
-        elif shape is not None and (why := input_problem(cfg.model, shape)):
-            bad[cid] = [f"model: got {cfg.model!r}; {cfg.model} {why} (dataset "
-                        f"{cfg.dataset.name})"]
+                seen[key] = f"{what} (dataset {cfg.dataset.name}" + (
+                    f", seed {cfg.seed})" if partitions else ")")
+            except MemoryError:
+                seen[key] = (f"data: out of memory loading or partitioning dataset "
+                             f"{cfg.dataset.name} (seed {cfg.seed}) for model {cfg.model}")
+        if seen[key]:
+            bad[cid] = [seen[key]]
     return bad
 
 

@@ -177,8 +177,8 @@ def test_model_too_big_for_the_files_images_is_caught_before_running(tmp_path, c
     path = write_study(tmp_path, study_dict(tmp_path, base=base, grid=grid))
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err
-    assert ("cell model=lenet: model: got 'lenet'; lenet needs images of at least 16x16, "
-            "got 8x8 (dataset npz)") in err
+    assert ("cell model=lenet: model: 'lenet' needs images of at least 16x16, got 8x8; "
+            "the examples come from dataset") in err
     assert "model=fedavg" not in err and not (tmp_path / "out").exists()
     sets = ["dataset.name=npz", f"dataset.path={npz}", "partition.kind=iid",
             "partition.num_clients=3"]

@@ -36,19 +36,21 @@ def load_or_fail(path: str | None, overrides: list[str]) -> ExperimentConfig | i
         return fail(e.problems)
 
 
-def _check_data_child() -> None:
+def _check_data_child(partitions: bool = True) -> None:
     """Child-process entry of :func:`check_data`: ``{id: flat config}`` as JSON on stdin,
     ``{id: [problem, ...]}`` as the last line of stdout."""
     from fl.sweep import check_partitions
 
     configs = {cid: from_flat(flat) for cid, flat in json.loads(sys.stdin.read()).items()}
-    print(json.dumps(check_partitions(configs)))
+    print(json.dumps(check_partitions(configs, partitions)))
 
 
-def check_data(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
-    """Build every config's dataset split and partitions into the data cache
-    (fl.datacache) before anything runs: ``{id: problems}`` for the configs whose
-    split cannot be made (fl.sweep.check_partitions).
+def check_data(configs: Mapping[str, ExperimentConfig],
+               partitions: bool = True) -> dict[str, list[str]]:
+    """Check every config's data and model and build its dataset split and partitions
+    into the data cache (fl.datacache) before anything runs: ``{id: problems}`` for the
+    configs whose data is unusable or whose split cannot be made
+    (fl.sweep.check_partitions; ``partitions=False``: the datasets and models only).
 
     Runs in a short-lived child process: ``bonsai run`` and ``bonsai sweep`` live as
     long as their runs and should not keep torch, scikit-learn and flwr-datasets
@@ -58,7 +60,7 @@ def check_data(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
         return {}
     proc = subprocess.run(
         [sys.executable, "-c", "from fl.cli.common import _check_data_child; "
-         "_check_data_child()"],
+         f"_check_data_child({bool(partitions)})"],
         input=json.dumps({cid: to_flat(c) for cid, c in configs.items()}),
         capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()

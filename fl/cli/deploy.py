@@ -31,9 +31,24 @@ from rich.console import Console
 
 from fl import interrupts
 from fl.cli.common import DEFAULT_EXPERIMENT, fail, load_or_fail
-from fl.cli.run import _print_summary, prepare_run_dir, wait_run
-from fl.config import ExperimentConfig
-from fl.data import DataError, load_federated, load_local, node_data
+from fl.cli.run import (
+    RunDirError,
+    _print_summary,
+    check_run_dir,
+    prepare_run_dir,
+    wait_run,
+    writable_problem,
+)
+from fl.config import ExperimentConfig, shown
+from fl.data import (
+    DataError,
+    check_dataset,
+    check_model_fit,
+    load_federated,
+    load_local,
+    node_data,
+    prepare,
+)
 from fl.deploy.keys import (
     KeyFileError,
     cert_hosts,
@@ -60,10 +75,27 @@ from fl.flowerapp import write_app, write_run_config
 from fl.node import DATA_PATH, DEVICE, DEVICES, METRICS_PATH, NUM_CLASSES, PARTITION_ID, THREADS
 from fl.proctree import MARKER_ENV
 from fl.progress import watch
-from fl.results import SUMMARY_JSON
+from fl.results import RUN_CONFIG_TOML, SUMMARY_JSON
 from fl.runtime import FLOWER_ENV, RuntimeFailure, flower_bin
 
 USER_ERRORS = (KeyFileError, DeployError, DataError, ValueError)
+#: certificate validity allowed by ``deploy keys --days`` (100 years; datetime overflows
+#: near 3 million days)
+MAX_DAYS = 36_500
+
+
+def check_port(port: int, flag: str = "--port") -> None:
+    """A TCP port: 1..65535 (raises DeployError)."""
+    if not 1 <= port <= 65535:
+        raise DeployError(f"{flag}: got {port}; allowed: 1..65535")
+
+
+def check_address(text: str, flag: str = "--superlink") -> None:
+    """``HOST:PORT`` (``[::1]:9092`` for IPv6) with PORT in 1..65535 (raises DeployError)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise DeployError(f"{flag}: got {shown(text)}; expected HOST:PORT with PORT in "
+                          "1..65535")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -207,6 +239,13 @@ def _foreground(name: str, cmd: list[str], env: dict[str, str], cwd: str | None 
 
 # --- keys ---------------------------------------------------------------------------------
 def cmd_keys(args: argparse.Namespace) -> int:
+    if not 1 <= args.days <= MAX_DAYS:
+        return fail(f"--days: got {args.days}; allowed: 1..{MAX_DAYS}")
+    out = Path(args.out).expanduser()
+    problem = (f"--out: {str(out)!r} is a file, not a folder" if out.exists() and not
+               out.is_dir() else writable_problem(out.resolve(), "--out", args.out))
+    if problem:
+        return fail(problem)
     try:
         ks = make_keys(args.out, args.host, args.name or args.nodes, days=args.days,
                        force=args.force)
@@ -231,6 +270,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 # --- superlink ----------------------------------------------------------------------------
 def superlink_spec(args: argparse.Namespace) -> SuperLinkSpec:
     """Checked spec of ``bonsai deploy superlink`` (raises a user error)."""
+    check_port(args.port)
     if args.insecure:
         spec = SuperLinkSpec(host=args.host, port=args.port, insecure=True,
                              database=args.database)
@@ -244,8 +284,6 @@ def superlink_spec(args: argparse.Namespace) -> SuperLinkSpec:
         check_superlink_tls(ca, cert, key)
         spec = SuperLinkSpec(host=args.host, port=args.port, ca_cert=ca, cert=cert, key=key,
                              node_auth=not args.no_node_auth, database=args.database)
-    if not 1 <= spec.port <= 65535:
-        raise DeployError(f"--port: got {spec.port}; allowed: 1..65535")
     check_port_free(spec.host, spec.port, "--port")
     return spec
 
@@ -266,6 +304,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     ca = None if args.insecure else _from_keys(args, "ca", "ca.crt")
     try:
+        check_address(args.superlink)
         if not args.insecure:
             if not ca:
                 raise DeployError("--keys or --ca is required (the CA that signed the "
@@ -299,6 +338,8 @@ def default_partition_id(key_path: str | None) -> int:
 
 def supernode_spec(args: argparse.Namespace) -> SuperNodeSpec:
     """Checked spec of ``bonsai deploy supernode`` (raises a user error)."""
+    check_port(args.port)
+    check_address(args.superlink)
     data = str(Path(args.data).expanduser().resolve())
     key = None
     if args.auth_key:
@@ -322,6 +363,7 @@ def supernode_spec(args: argparse.Namespace) -> SuperNodeSpec:
         if isinstance(cfg, int):
             raise DeployError("--experiment: see the problems above")
         node = node_data(cfg, node_config)
+        check_model_fit(cfg.model, node.input_shape, node.num_classes, f"data-path: {data!r}")
     else:
         load_local(data)
         node = None
@@ -337,8 +379,6 @@ def supernode_spec(args: argparse.Namespace) -> SuperNodeSpec:
         check_node_key(key)
     else:
         ca = None
-    if ":" not in args.superlink:
-        raise DeployError(f"--superlink: got {args.superlink!r}; expected HOST:PORT")
     check_port_free("127.0.0.1", args.port, "--port")
     del node
     return SuperNodeSpec(superlink=args.superlink, root_cert=ca, auth_key=key, port=args.port,
@@ -373,19 +413,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cfg
     ca = None if args.insecure else _from_keys(args, "ca", "ca.crt")
     try:
+        check_address(args.superlink)
         if not args.insecure:
             if not ca:
                 raise DeployError("--keys or --ca is required (the CA that signed the "
                                   "SuperLink's certificate)")
             check_node_tls(ca)
-        if ":" not in args.superlink:
-            raise DeployError(f"--superlink: got {args.superlink!r}; expected HOST:PORT")
     except USER_ERRORS as e:
         return fail(str(e))
     with tempfile.TemporaryDirectory(prefix="bonsai-run-", ignore_cleanup_errors=True) as home:
         (Path(home) / "config.toml").write_text(
             connection_toml("target", args.superlink, ca, insecure=args.insecure))
-        run_config = write_run_config(cfg, Path(home) / "run_config.toml")
+        run_config = write_run_config(cfg, Path(home) / RUN_CONFIG_TOML)
         app = write_app(Path(home) / "app")
         cmd = [flower_bin("flwr"), "run", str(app), "target", "--stream",
                "--run-config", str(run_config)]
@@ -412,7 +451,13 @@ def cmd_split(args: argparse.Namespace) -> int:
     cfg = load_or_fail(args.file, args.overrides)
     if isinstance(cfg, int):
         return cfg
+    out = Path(args.out).expanduser()
+    problem = (f"--out: {str(out)!r} is a file, not a folder" if out.exists() and not
+               out.is_dir() else writable_problem(out.resolve(), "--out", args.out))
+    if problem:
+        return fail(problem)
     try:
+        prepare(cfg)  # the data and the model checked before a file is written
         paths = write_split(cfg, args.out)
     except DataError as e:
         return fail(str(e))
@@ -448,7 +493,9 @@ def plan_local(cfg: ExperimentConfig, data_dir: str | Path, n: int,
     nodes = [LocalNode(f"node-{i}", str(p.resolve()), i, device=device, threads=threads)
              for i, p in enumerate(node_sources(data_dir, n))]
     for node in nodes:
-        node_data(cfg, node.node_config(None))  # raises DataError naming the path
+        nd = node_data(cfg, node.node_config(None))  # raises DataError naming the path
+        check_model_fit(cfg.model, nd.input_shape, nd.num_classes,
+                        f"data-path: {node.data_path!r}")
     return nodes
 
 
@@ -462,7 +509,7 @@ def run_local(cfg: ExperimentConfig, nodes: list[LocalNode], console: Console | 
     """
     console = console or Console()
     run_dir = prepare_run_dir(cfg)
-    run_config = write_run_config(cfg, run_dir / "run_config.toml")
+    run_config = write_run_config(cfg, run_dir / RUN_CONFIG_TOML)
     summary_path = run_dir / SUMMARY_JSON
     with LocalFederation(run_dir, nodes, keys_dir=keys_dir, insecure=insecure) as fed:
         proc = fed.flwr_run(run_config)
@@ -497,8 +544,15 @@ def cmd_local(args: argparse.Namespace) -> int:
     cfg = load_or_fail(args.file, [*args.overrides, f"partition.num_clients={args.nodes}"])
     if isinstance(cfg, int):
         return cfg
+    if cfg.resume:
+        return fail("resume: got True; `bonsai deploy local` always starts a new run")
+    problem = check_run_dir(cfg, args.file)
+    if problem:
+        return fail(problem)
     try:
         nodes = plan_local(cfg, args.data, args.nodes, args.device, args.threads)
+        if cfg.dataset.name != "hf":  # the server's test split (hf needs the network)
+            check_dataset(cfg)
         if args.keys:
             existing_keys(args.keys, [n.name for n in nodes])
     except USER_ERRORS as e:
@@ -509,6 +563,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     try:
         summary = run_local(cfg, nodes, console, live=not args.quiet, keys_dir=args.keys,
                             insecure=args.insecure)
+    except RunDirError as e:
+        return fail(str(e))
     except KeyboardInterrupt as e:
         return fail(f"interrupted; {interrupts.stopped(e)}; partial results in {cfg.run_dir}",
                     code=130)

@@ -53,8 +53,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else study.dir / "report"
     if out.exists() and not out.is_dir():
         return fail(f"--out: {str(out)!r} exists and is not a folder")
-    res = write_report(study, out, args.target, args.lines, args.panels,
-                       heatmaps=not args.no_heatmaps, baseline=baseline)
+    from fl.cli.run import writable_problem
+
+    problem = writable_problem(out.expanduser().resolve(), "--out", str(out))
+    if problem:
+        return fail(problem)
+    try:
+        res = write_report(study, out, args.target, args.lines, args.panels,
+                           heatmaps=not args.no_heatmaps, baseline=baseline)
+    except OSError as e:  # the disk filled up or the folder vanished while writing
+        return fail(f"--out: writing {str(out)!r} failed ({e.strerror or e})", code=1)
     print(open(out / "table.md").read(), end="")
     if res["savings"]:
         print(f"\nagainst {args.baseline}:\n{res['savings']}", end="")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,10 +17,18 @@ from rich.console import Console
 
 from fl import interrupts
 from fl.cli.common import DEFAULT_EXPERIMENT, check_data, fail, load_or_fail
-from fl.config import ExperimentConfig, to_json
+from fl.config import FIELDS, ExperimentConfig, config_differences, to_flat, to_json
 from fl.flowerapp import write_run_config
 from fl.progress import human_bytes, watch
-from fl.results import STOPPING, SUMMARY_JSON
+from fl.results import (
+    CONFIG_JSON,
+    ROUNDS_CSV,
+    ROUNDS_JSONL,
+    RUN_CONFIG_TOML,
+    STOPPING,
+    SUMMARY_JSON,
+    read_run_config,
+)
 from fl.runtime import RuntimeFailure, SimulationRuntime
 
 
@@ -46,8 +55,62 @@ def federation_config(cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
+class RunDirError(ValueError):
+    """The run's folder cannot be made (one line; a user error, exit code 2)."""
+
+
+def writable_problem(folder: Path, key: str, shown: str) -> str | None:
+    """Why a folder cannot be created at or under ``folder``, or None. Probes the
+    nearest existing ancestor with a temporary folder it removes at once (permission
+    bits do not tell: root ignores them, a read-only mount does not show in them)."""
+    anc = folder
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{key}: {shown!r}: {str(anc)!r} is a file, not a folder"
+    try:
+        tempfile.TemporaryDirectory(dir=anc, prefix=".bonsai-probe-").cleanup()
+    except OSError as e:
+        return f"{key}: {shown!r} cannot be written ({e.strerror or type(e).__name__} in " \
+               f"{str(anc)!r})"
+    return None
+
+
+def check_run_dir(cfg: ExperimentConfig, file: str = "FILE") -> str | None:
+    """Why ``cfg``'s run cannot start a new results folder, as one line, or None.
+
+    Without ``run_dir``: OUTPUT_DIR must be (or be creatable as) a writable folder.
+    With ``run_dir`` (``--set run_dir=DIR``): DIR must be new or an empty folder; a
+    Bonsai run folder of the same config is to be continued with ``--resume``, and
+    any other non-empty folder is refused, so no run's config.json is overwritten and
+    no rounds.jsonl gets another run's rounds appended. Creates nothing.
+    """
+    if not cfg.run_dir:
+        out = Path(cfg.output_dir).expanduser()
+        return writable_problem(out.resolve(), "output_dir", cfg.output_dir)
+    d = Path(cfg.run_dir).expanduser().resolve()
+    if d.exists() and not d.is_dir():
+        return f"run_dir: {str(d)!r} is a file, not a folder"
+    if d.is_dir() and any(d.iterdir()):
+        old = read_run_config(d)
+        if old is None or not set(old) & set(FIELDS):
+            return (f"run_dir: {str(d)!r} is not empty and holds no Bonsai run; give a new "
+                    "or empty folder")
+        diffs = config_differences(old, to_flat(cfg))
+        if diffs:
+            return (f"run_dir: {str(d)!r} holds another run ({'; '.join(diffs[:2])}); give a "
+                    "new or empty folder")
+        if (d / SUMMARY_JSON).exists():
+            return f"run_dir: {str(d)!r} already holds a finished run of this config"
+        return (f"run_dir: {str(d)!r} holds an unfinished run of this config; continue it "
+                f"with `bonsai run {file} --resume {d}`")
+    return writable_problem(d, "run_dir", cfg.run_dir)
+
+
 def prepare_run_dir(cfg: ExperimentConfig) -> Path:
-    """Create OUTPUT_DIR/NAME-TIMESTAMP (absolute) and pin it in the config."""
+    """Create OUTPUT_DIR/NAME-TIMESTAMP (absolute) and pin it in the config.
+
+    Raises RunDirError when the folder cannot be created."""
     if not cfg.run_dir:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(cfg.output_dir).expanduser().resolve() / f"{cfg.name}-{stamp}"
@@ -57,8 +120,12 @@ def prepare_run_dir(cfg: ExperimentConfig) -> Path:
         cfg.run_dir = str(path)
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     if (run_dir / SUMMARY_JSON).exists() and not cfg.resume:
-        raise RuntimeFailure(f"run_dir: {str(run_dir)!r} already holds a finished run")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        raise RunDirError(f"run_dir: {str(run_dir)!r} already holds a finished run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"run_dir: {str(run_dir)!r} cannot be created "
+                          f"({e.strerror or type(e).__name__})") from None
     cfg.run_dir = str(run_dir)
     return run_dir
 
@@ -71,8 +138,11 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
     """
     console = console or Console()
     run_dir = prepare_run_dir(cfg)
-    run_config = write_run_config(cfg, run_dir / "run_config.toml")
+    run_config = write_run_config(cfg, run_dir / RUN_CONFIG_TOML)
     (run_dir / STOPPING).unlink(missing_ok=True)  # from an interrupted run being resumed
+    if not cfg.resume:  # a run restarted at round 1 (stopped before it) starts new records
+        for name in (ROUNDS_JSONL, ROUNDS_CSV):
+            (run_dir / name).unlink(missing_ok=True)
     summary_path = run_dir / SUMMARY_JSON
     with SimulationRuntime(run_dir) as rt:
         try:
@@ -112,13 +182,39 @@ def wait_run(proc: subprocess.Popen, summary_path: Path, poll: float = 0.1) -> i
 
 
 def check_resume(cfg: ExperimentConfig, run_dir: Path) -> str | None:
-    """Point ``cfg`` at ``run_dir`` to resume it; the problem as one line, or None."""
-    from fl.checkpoint import CheckpointError  # torch: imported only to resume
+    """Point ``cfg`` at ``run_dir`` to resume it; the problem as one line, or None.
+
+    ``output_dir`` is taken from the run's own config (it only said where the folder
+    was made), so resuming needs the same experiment file and ``--set`` overrides but
+    not the original ``--set output_dir``. A run stopped before its first round ended
+    has no checkpoint: it is started again from round 1 in the same folder (``cfg.resume``
+    is then False), provided the folder's config is the same.
+    """
+    from fl.checkpoint import CHECKPOINT, CheckpointError  # torch: imported only to resume
     from fl.checkpoint import load as load_checkpoint
 
+    run_dir = run_dir.expanduser().resolve()
+    if not run_dir.is_dir():
+        return f"--resume: {str(run_dir)!r} is not a folder"
     if (run_dir / SUMMARY_JSON).exists():
         return f"--resume: {str(run_dir)!r} holds a finished run; nothing to resume"
-    cfg.run_dir, cfg.resume = str(run_dir.expanduser().resolve()), True
+    old = read_run_config(run_dir)
+    if old is not None and not set(old) & set(FIELDS):
+        old = None  # not a config of ours
+    if old is not None and isinstance(old.get("output_dir"), str):
+        cfg.output_dir = old["output_dir"]
+    cfg.run_dir, cfg.resume = str(run_dir), True
+    if not (run_dir / CHECKPOINT).exists():
+        if old is None:
+            return (f"--resume: {str(run_dir)!r} has no {CHECKPOINT} and is not a Bonsai run "
+                    f"folder (no readable {CONFIG_JSON} or {RUN_CONFIG_TOML})")
+        diffs = config_differences(old, to_flat(cfg))
+        if diffs:
+            return (f"--resume: {str(run_dir)!r} was made with a different config "
+                    f"({'; '.join(diffs[:2])}); resume with the same experiment file and "
+                    "--set overrides")
+        cfg.resume = False  # stopped before round 1 ended: nothing to load, start it again
+        return None
     try:
         ckpt = load_checkpoint(run_dir, to_json(cfg))
     except CheckpointError as e:
@@ -145,11 +241,21 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_or_fail(args.file, args.overrides)
     if isinstance(cfg, int):
         return cfg
+    console = Console()
+    if cfg.resume and not args.resume:
+        return fail("resume: got True; continue a run with `bonsai run FILE --resume "
+                    "RESULTS_DIR` instead of setting resume")
     if args.resume:
         problem = check_resume(cfg, Path(args.resume))
         if problem:
             return fail(problem)
-    console = Console()
+        if not cfg.resume:
+            console.print(f"{cfg.run_dir} stopped before round 1 ended (no checkpoint): "
+                          "running it again from round 1", soft_wrap=True)
+    else:
+        problem = check_run_dir(cfg, args.file)
+        if problem:
+            return fail(problem)
     interrupts.install()  # Ctrl-C and SIGTERM end the run cleanly; a second one hurries
     t0 = time.perf_counter()
     try:  # the split first: a partition that cannot be made stops here, exit 2
@@ -158,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             return fail(problems)
         summary = run_simulation(cfg, console, live=not args.quiet)
+    except RunDirError as e:
+        return fail(str(e))
     except KeyboardInterrupt as e:
         where = f"; partial results in {cfg.run_dir}" if cfg.run_dir else ""
         return fail(f"interrupted; {interrupts.stopped(e)}{where}", code=130)

@@ -11,6 +11,7 @@ from rich.console import Console
 from fl import interrupts
 from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail
+from fl.cli.run import writable_problem
 from fl.runtime import RuntimeFailure
 from fl.sweep import (
     StudyError,
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(e))
     except StudyError as e:
         return fail(e.problems)
+    problem = writable_problem(study.dir, "output_dir", study.output_dir)
+    if problem:
+        return fail(problem)
     configs, bad = validate_cells(cells)
     console = Console()
     if not args.no_data_check:
