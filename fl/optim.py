@@ -780,6 +780,8 @@ class CohortSGD(_CohortOptimizer):
         self._state_keys = ("momentum_buffer",) if momentum != 0 else ()
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         super().__init__(params, lr, prox_mu, clip_value, clip_quantile, masks, backend)
+        # the kernel reads the rates from the device: copied there once, not every step
+        self._lr_dev = torch.tensor(self.lr, device=self.device) if self.triton else None
 
     @torch.no_grad()
     def step(self, active: Sequence[bool] | torch.Tensor | None = None) -> None:
@@ -788,8 +790,9 @@ class CohortSGD(_CohortOptimizer):
         needs_ws = not self.triton
         masked_sgd_step(
             self.param, self.grad, self.state.get("momentum_buffer"), self.mask, self.anchor,
-            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-            nesterov=self.nesterov, prox_mu=self.prox_mu, clip=self._clip(flags), active=flags,
+            lr=self._lr_dev if self._lr_dev is not None else self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, nesterov=self.nesterov, prox_mu=self.prox_mu,
+            clip=self._clip(flags), active=flags,
             workspace=self._scratch(2 if self.prox_mu != 0 else 1) if needs_ws else None,
             backend=self.backend, check_mask_values=False,
         )  # fmt: skip

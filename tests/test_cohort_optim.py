@@ -6,7 +6,8 @@ the cohort optimizer must hold exactly that optimizer's parameters and state,
 on both backends (the stacked reference runs the single-client reference per
 row; the stacked Triton kernel shares the single-client kernel's per-entry code
 and scalars). Clients that are inactive at a step are skipped by their
-single-client twin.
+single-client twin. Tensors live on BONSAI_TEST_DEVICE (the GPU check compiles the
+kernels: benchmarks/gpu_cohort.sh).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl.kernels.testing import assert_exact
+from fl.kernels.testing import TEST_DEVICE, assert_exact
 from fl.optim import CohortAdamW, CohortSGD, MaskedAdamW, MaskedSGD
 
 K = 3
@@ -31,14 +32,22 @@ def _setup(seed: int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]
              for _ in range(K)]  # fmt: skip
     grads = [[[torch.randn(s, generator=g) * 2 for s in SHAPES] for _ in range(K)]
              for _ in range(STEPS)]  # fmt: skip
-    return params, masks, grads
+    return _on_device(params), _on_device(masks), _on_device(grads)
+
+
+def _on_device(x):  # noqa: ANN001, ANN202
+    """Nested lists of tensors (or None) moved to the test device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(TEST_DEVICE)
+    return [_on_device(t) for t in x] if isinstance(x, list) else x
 
 
 def _stack(per_client: list[list[torch.Tensor | None]], i: int) -> torch.Tensor | None:
     items = [c[i] for c in per_client]
     if all(t is None for t in items):
         return None
-    return torch.stack([torch.ones(SHAPES[i]) if t is None else t.float() for t in items])
+    return torch.stack([torch.ones(SHAPES[i], device=TEST_DEVICE) if t is None else t.float()
+                        for t in items])  # fmt: skip
 
 
 def _compare(cohort, singles, keys: tuple[str, ...], what: str) -> None:  # noqa: ANN001
@@ -104,10 +113,10 @@ def test_cohort_adamw_rows_are_masked_adamw_bitwise(backend: str, opts: dict, cl
 def test_set_grads_for_a_subset_of_rows_and_shared_masks() -> None:
     params, _, grads = _setup(seed=4)
     stacked = [torch.stack([params[k][i] for k in range(K)]) for i in range(len(SHAPES))]
-    shared = [torch.rand(s, generator=torch.Generator().manual_seed(i)) < 0.5
+    shared = [(torch.rand(s, generator=torch.Generator().manual_seed(i)) < 0.5).to(TEST_DEVICE)
               for i, s in enumerate(SHAPES)]  # fmt: skip
     opt = CohortSGD(stacked, lr=0.1, masks=shared)
-    rows = torch.tensor([0, 2])
+    rows = torch.tensor([0, 2], device=TEST_DEVICE)
     opt.set_grads([torch.stack([grads[0][k][i] for k in (0, 2)]) for i in range(len(SHAPES))],
                   rows=rows)  # fmt: skip
     for i in range(len(SHAPES)):
