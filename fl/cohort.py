@@ -8,9 +8,11 @@ execution paths compute the same thing:
 ``sequential``
     One client after another with :func:`fl.train.train` itself, so each
     client's state and result are bitwise those of the one-client-per-message
-    path. On a CPU this is the fastest: a probe on the 2-core host (issue 14:
-    100 digits CNNs, 11 steps each) gained nothing from vectorising (0.96x),
-    and ``benchmarks/cohort.py --device cpu`` records the same.
+    path. ``auto`` takes it on a CPU: a run reproduces today's numbers exactly,
+    and on the 2-core host the digits CNN gains nothing from vectorising
+    (0.96x in issue 14's probe, 1.04-1.17x in ``benchmarks/cohort.py``), though
+    ResNet-8, a step of many small ops, gains 2-3x there (docs/RESULTS.md):
+    ``mode="vectorised"`` asks for it.
 ``vectorised``
     Every parameter stacked on a leading client axis ``[K, *shape]`` (views of
     one ``[K, size]`` buffer, :class:`fl.optim.CohortSGD` /
@@ -83,10 +85,11 @@ def choose_mode(model: nn.Module, device: torch.device, example: torch.Tensor,
                 mode: str = "auto", clients: int = 2) -> str:  # fmt: skip
     """The path :func:`train_cohort` takes: ``sequential`` or ``vectorised``.
 
-    ``auto`` picks by device, from measurement (benchmarks/cohort.py): one after
-    another on a CPU, vectorised on a GPU (``clients`` > 1: a cohort of one has
-    nothing to vectorise). Either way a model that vmap cannot batch is trained
-    sequentially (:func:`vectorisable`, probed on ``example`` inputs).
+    ``auto`` picks by device: one after another on a CPU (bitwise fl.train; the
+    module docstring has the measurements), vectorised on a GPU when there are
+    ``clients`` > 1 (a cohort of one has nothing to vectorise). Either way a
+    model that vmap cannot batch is trained sequentially (:func:`vectorisable`,
+    probed on ``example`` inputs).
     """
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; allowed: {', '.join(MODES)}")
