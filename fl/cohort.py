@@ -296,7 +296,7 @@ def _schedule(
         n = len(datas[k])
         batches = []
         for e in range(epochs[k]):
-            order = torch.randperm(n, generator=gen)
+            order = torch.randperm(n, generator=gen, device="cpu")
             for start in range(0, n, batch):
                 batches.append((order[start:start + batch] + offset, e == epochs[k] - 1))
         per_client.append(batches)
@@ -316,9 +316,10 @@ def _schedule(
         specs.append(list(by_len.values()))
         active.append([s < len(per_client[k]) for k in range(count)])
     # one host-to-device copy for every index of the round
-    flat_rows = [torch.tensor(r, dtype=torch.int64) for step in specs for r, _, _ in step]
-    flat_idx = [torch.stack(i).reshape(-1) for step in specs for _, i, _ in step]
-    flat_w = [torch.tensor(w, dtype=torch.float64) for step in specs for _, _, w in step]
+    cpu = torch.device("cpu")
+    flat_rows = [torch.tensor(r, dtype=torch.int64, device=cpu) for st in specs for r, _, _ in st]
+    flat_idx = [torch.stack(i).reshape(-1) for st in specs for _, i, _ in st]
+    flat_w = [torch.tensor(w, dtype=torch.float64, device=cpu) for st in specs for _, _, w in st]
     if not flat_rows:
         return [], active, [len(b) for b in per_client]
     rows_d = torch.cat(flat_rows).to(device)

@@ -855,5 +855,5 @@ class CohortAdamW(_CohortOptimizer):
 
     def row_state(self, k: int) -> list[dict[str, torch.Tensor]]:
         """Client ``k``'s per-parameter state with torch.optim's keys, ``step`` included."""
-        step = torch.tensor(float(self.steps[k]))
+        step = torch.tensor(float(self.steps[k]), device="cpu")
         return [{**st, "step": step} for st in super().row_state(k)]

@@ -131,7 +131,7 @@ def device_rows(
     if isinstance(value, torch.Tensor):
         t = value.to(device=device, dtype=dtype)
         return t.expand(rows).contiguous() if t.dim() == 0 else t
-    host = torch.tensor(host_rows(value, rows), dtype=dtype)
+    host = torch.tensor(host_rows(value, rows), dtype=dtype, device="cpu")
     if device.type == "cpu":
         return host
     return host.pin_memory().to(device, non_blocking=True)

@@ -348,7 +348,8 @@ def _launch_rows(
     flags = host_active(active, rows)
     scal = rows_scalars(host_rows(step, rows), host_rows(lr, rows), beta1, beta2, weight_decay,
                         flags)  # fmt: skip
-    scal_t = torch.tensor(scal, dtype=torch.float32)  # float64 -> fp32 as a launch rounds it
+    # float64 -> fp32 as a launch rounds a Python float; built on the host (pinned below)
+    scal_t = torch.tensor(scal, dtype=torch.float32, device="cpu")
     scal_t = scal_t if dev.type == "cpu" else scal_t.pin_memory().to(dev, non_blocking=True)
     if clip is None:
         clip_t, clip_stride = param, 0
