@@ -82,7 +82,7 @@ class ClientTraining:
 
 
 def choose_mode(model: nn.Module, device: torch.device, example: torch.Tensor,
-                mode: str = "auto", clients: int = 2) -> str:  # fmt: skip
+                mode: Mode = "auto", clients: int = 2) -> str:  # fmt: skip
     """The path :func:`train_cohort` takes: ``sequential`` or ``vectorised``.
 
     ``auto`` picks by device: one after another on a CPU (bitwise fl.train; the
@@ -182,7 +182,7 @@ def train_cohort(
     proximal_mu: float = 0.0,
     masks: Sequence[Mapping[str, torch.Tensor] | None] | None = None,
     epochs: int | Sequence[int] | None = None,
-    mode: str = "auto",
+    mode: Mode = "auto",
     cohort_size: int | None = None,
     num_classes: int | None = None,
     backend: str = "auto",
@@ -234,7 +234,8 @@ def train_cohort(
         if num_classes is None:
             raise ValueError("num_classes: required when model is given by name")
         model = build_model(model, tuple(datas[0].x.shape[1:]), num_classes)
-    path = choose_mode(model, device, datas[0].x[:2], mode, clients=count)
+    example = torch.cat([d.x[:2] for d in datas[:2]])[:2]  # two inputs even if one has one
+    path = choose_mode(model, device, example, mode, clients=count)
     args = dict(cfg=cfg, device=device, margin_lambda=margin_lambda, proximal_mu=proximal_mu)
     if path == "sequential":
         return _sequential(model, states, datas, seeds, masks_l, epochs_l, **args)
