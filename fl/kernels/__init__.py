@@ -7,6 +7,11 @@ run it on CPU tensors under ``TRITON_INTERPRET=1``) and raises if Triton is
 missing; ``backend="torch"`` forces the reference. Importing this package
 never requires Triton.
 
+The optimizer steps (``masked_sgd_step``, ``masked_adamw_step``) also take a
+stacked ``[rows, n]`` buffer, one row per client of a cohort (fl/cohort.py):
+one launch, per-row learning rates, masks, anchors, clip bounds, step counts
+and ``active`` flags; a 1-D buffer is the single-client call.
+
 Bad input raises ``ValueError`` naming the argument.
 """
 
