@@ -446,7 +446,7 @@ def run_study(study: Study, cells: list[Cell], configs: Mapping[str, ExperimentC
     """Run the cells in order: skip finished ones, clear and rerun half-finished ones.
 
     ``runner(cfg, console, live=False)`` runs one experiment and returns its summary
-    (``fl.cli.run.run_simulation``); it raises on failure. A failed cell is recorded
+    (``fl.simulation.run_simulation``); it raises on failure. A failed cell is recorded
     and the study goes on; KeyboardInterrupt stops it (finished cells stay).
     """
     from rich.console import Console

@@ -68,7 +68,7 @@ def test_sweep_subcommand_does_not_import_torch(tmp_path):
 def test_wait_run_returns_when_the_summary_appears_or_flwr_exits(tmp_path):
     """The run is over once the ServerApp wrote its summary (its last act), whether or
     not ``flwr run`` has finished shutting down; without one, flwr's exit code counts."""
-    from fl.cli.run import wait_run
+    from fl.simulation import wait_run
 
     summary = tmp_path / "summary.json"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from processes import bonsai, leftovers, wait_gone
 
-from fl.cli.deploy import plan_local, run_local, write_split
 from fl.config import load
 from fl.deploy import LocalNode
+from fl.deploy.local import plan_local, run_local
+from fl.deploy.split import write_split
 from fl.export import export_run
 from fl.proctree import marked
 from fl.results import read_rounds

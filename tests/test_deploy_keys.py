@@ -1,16 +1,29 @@
-"""``bonsai deploy keys`` never destroys key material: every file it would write is
-checked before any is written; ``--force`` moves the old files into a backup folder."""
+"""fl.deploy.keys and ``bonsai deploy keys``: the certificates and node keys it writes load
+in Flower's own loaders, every mismatch or missing file is named before anything starts,
+and key material is never destroyed: every file it would write is checked before any is
+written; ``--force`` moves the old files into a backup folder."""
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from fl.deploy.keys import KeyFileError, check_superlink_tls, key_files, make_keys
+from fl.deploy import (
+    KeyFileError,
+    check_node_key,
+    check_node_tls,
+    check_superlink_tls,
+    make_keys,
+)
+from fl.deploy.keys import key_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,3 +145,59 @@ def test_a_file_created_between_the_check_and_the_write_is_not_replaced(tmp_path
         make_keys(out, [], 1)
     assert (out / "superlink.key").read_bytes() == b"appeared meanwhile"
     assert os.path.isfile(out / "ca.key")
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return make_keys(tmp_path_factory.mktemp("keys"), ["10.1.2.3", "link.example.org"], 2)
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory):
+    return make_keys(tmp_path_factory.mktemp("other"), [], 1)
+
+
+# --- keys ------------------------------------------------------------------------------
+def test_keys_files_chain_and_flowers_own_loaders(keys):
+    ca = x509.load_pem_x509_certificate(keys.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(keys.superlink_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    ca.verify_directly_issued_by(ca)  # self-signed root
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"link.example.org", "localhost"}
+    assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {"10.1.2.3",
+                                                                          "127.0.0.1"}
+    for private in (keys.dir / "ca.key", keys.superlink_key, keys.node_key("node-0")):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    # what flower-supernode and `flwr supernode register` do with the node keys
+    from flwr.cli.supernode.register import try_load_public_key
+
+    assert try_load_public_key(keys.node_pub("node-1"))
+    priv = serialization.load_ssh_private_key(keys.node_key("node-1").read_bytes(), None)
+    assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+    check_superlink_tls(keys.ca_cert, keys.superlink_cert, keys.superlink_key)
+    check_node_tls(keys.ca_cert, "10.1.2.3", keys.superlink_cert)
+    check_node_key(keys.node_key("node-0"))
+
+
+def test_keys_refuse_to_overwrite_and_bad_hosts(keys, tmp_path):
+    with pytest.raises(KeyFileError, match="ca.key' already exists"):
+        make_keys(keys.dir, [], 1)
+    with pytest.raises(KeyFileError, match="--host"):
+        make_keys(tmp_path / "k", ["bad host"], 1)
+
+
+def test_mismatched_and_missing_certificates_are_named(keys, other_keys, tmp_path):
+    with pytest.raises(KeyFileError, match="was not issued by the CA"):
+        check_superlink_tls(other_keys.ca_cert, keys.superlink_cert, keys.superlink_key)
+    with pytest.raises(KeyFileError, match="does not belong to the certificate"):
+        check_superlink_tls(keys.ca_cert, keys.superlink_cert, other_keys.superlink_key)
+    with pytest.raises(KeyFileError, match="does not exist"):
+        check_superlink_tls(tmp_path / "ca.crt", keys.superlink_cert, keys.superlink_key)
+    with pytest.raises(KeyFileError, match="not a PEM certificate"):
+        check_node_tls(keys.superlink_key)
+    with pytest.raises(KeyFileError, match="valid for"):
+        check_node_tls(keys.ca_cert, "other.example.org", keys.superlink_cert)
+    with pytest.raises(KeyFileError, match="not an OpenSSH private key"):
+        check_node_key(keys.superlink_key)

@@ -295,7 +295,7 @@ def test_run_dir_of_another_run_is_never_overwritten(tmp_path):
 
 
 def test_run_dir_rules_allow_new_and_empty_folders(tmp_path):
-    from fl.cli.run import check_run_dir
+    from fl.rundir import check_run_dir
 
     (tmp_path / "empty").mkdir()
     for d in ("empty", "new/deeper"):
@@ -458,7 +458,7 @@ def test_an_empty_experiment_file_is_an_error(tmp_path, text):
 
 
 def test_resume_of_a_run_stopped_before_round_1_starts_it_again(tmp_path):
-    from fl.cli.run import check_resume
+    from fl.rundir import check_resume
 
     d = _bonsai_run_dir(tmp_path / "early", "output_dir=" + str(tmp_path / "elsewhere"))
     cfg = c.load(QUICK)
@@ -473,7 +473,7 @@ def test_resume_of_a_run_stopped_before_round_1_starts_it_again(tmp_path):
 
 def test_resume_does_not_need_the_original_output_dir(tmp_path):
     from fl.checkpoint import Checkpoint, save
-    from fl.cli.run import check_resume
+    from fl.rundir import check_resume
 
     d = tmp_path / "results" / "run"
     d.mkdir(parents=True)

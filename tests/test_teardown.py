@@ -293,8 +293,8 @@ strategy:
 
 @pytest.mark.slow
 def test_sigkill_of_bonsai_deploy_local_leaves_nothing_running(tmp_path, private_tmp):
-    from fl.cli.deploy import write_split
     from fl.config import load
+    from fl.deploy.split import write_split
 
     exp = tmp_path / "exp.yaml"
     exp.write_text(EXPERIMENT)

@@ -6,9 +6,13 @@ import json
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import Any
+
+from rich.console import Console
 
 from fl.catalog import CatalogError, resolve
 from fl.config import ConfigError, ExperimentConfig, from_flat, load, to_flat
+from fl.progress import human_bytes
 from fl.runtime import RuntimeFailure
 
 USAGE_ERROR = 2
@@ -67,3 +71,17 @@ def check_data(configs: Mapping[str, ExperimentConfig],
     if proc.returncode != 0 or not lines:
         raise RuntimeFailure("checking the data splits failed:\n" + proc.stderr[-3000:])
     return json.loads(lines[-1])
+
+
+def print_summary(console: Console, s: dict[str, Any], seconds: float) -> None:
+    """The one-line summary of a finished run and where its results are."""
+    acc = s.get("final_accuracy")
+    console.print()
+    console.print(
+        f"[bold]done[/bold] in {seconds:.1f} s: {s.get('rounds')} rounds of "
+        f"{s.get('strategy')}, final accuracy {100 * acc:.2f}% (best "
+        f"{100 * s['best_accuracy']:.2f}% at round {s['best_round']}), "
+        f"{human_bytes(s.get('total_bytes_down', 0))} down, "
+        f"{human_bytes(s.get('total_bytes_up', 0))} up", soft_wrap=True
+    )
+    console.print(f"results: {s.get('run_dir')}", soft_wrap=True)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else study.dir / "report"
     if out.exists() and not out.is_dir():
         return fail(f"--out: {str(out)!r} exists and is not a folder")
-    from fl.cli.run import writable_problem
+    from fl.rundir import writable_problem
 
     problem = writable_problem(out.expanduser().resolve(), "--out", str(out))
     if problem:

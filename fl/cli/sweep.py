@@ -11,7 +11,7 @@ from rich.console import Console
 from fl import interrupts
 from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail
-from fl.cli.run import writable_problem
+from fl.rundir import writable_problem
 from fl.runtime import RuntimeFailure
 from fl.sweep import (
     StudyError,
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             f"{len(stale)} finished cell(s) differ from the study file; nothing was run: "
             f"delete their folders in {study.dir} or give the study a new name"])
     interrupts.install()
-    from fl.cli.run import run_simulation
+    from fl.simulation import run_simulation
 
     console.print(f"study {study.name}: {len(cells)} cells -> {study.dir}", soft_wrap=True)
     t0 = time.perf_counter()

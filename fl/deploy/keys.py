@@ -51,6 +51,8 @@ __all__ = [
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SL_CERT, SL_KEY = "superlink.crt", "superlink.key"
 NODES_DIR = "nodes"
+#: certificate validity allowed (100 years; datetime overflows near 3 million days)
+MAX_DAYS = 36_500
 _LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 
@@ -215,8 +217,8 @@ def make_keys(out: str | Path, hosts: Sequence[str] = (), nodes: int | Sequence[
         if not n or "/" in n or n.startswith("."):
             raise KeyFileError(f"--name: {n!r} is not a valid key name")
     _check_hosts(hosts)
-    if days < 1:
-        raise KeyFileError(f"--days: got {days}; allowed: >= 1")
+    if not 1 <= days <= MAX_DAYS:
+        raise KeyFileError(f"--days: got {days}; allowed: 1..{MAX_DAYS}")
     if len(set(names)) != len(names):
         raise KeyFileError(f"--name: {sorted({n for n in names if names.count(n) > 1})} given "
                            "more than once")

@@ -10,16 +10,22 @@ with the same commands and other host names (README, Deployment).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+from fl.config import ExperimentConfig
+from fl.data import DataError, check_model_fit, node_data
 from fl.deploy.keys import KeySet, check_node_key, check_superlink_tls, make_keys
 from fl.deploy.processes import (
     DeployError,
@@ -33,13 +39,18 @@ from fl.deploy.processes import (
     wait_node,
     wait_superlink,
 )
-from fl.flowerapp import write_app
+from fl.flowerapp import write_app, write_run_config
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
 from fl.proctree import MARKER_ENV
-from fl.runtime import FLOWER_ENV, ProcessContext, flower_bin, free_port
+from fl.progress import watch
+from fl.results import RUN_CONFIG_TOML, SUMMARY_JSON
+from fl.rundir import prepare_run_dir
+from fl.runtime import FLOWER_ENV, ProcessContext, RuntimeFailure, flower_bin, free_port
+from fl.simulation import wait_run
 from fl.watchdog import WATCHDOG_LOG
 
-__all__ = ["LocalFederation", "LocalNode", "existing_keys"]
+__all__ = ["LocalFederation", "LocalNode", "existing_keys", "node_sources", "plan_local",
+           "run_local"]
 
 CONNECTION = "bonsai-local"
 
@@ -206,3 +217,76 @@ class LocalFederation(ProcessContext):
         s), then remove the temp dir (:meth:`Processes.close`). A second call does
         nothing."""
         self.procs.close(grace)
+
+
+# --- local --------------------------------------------------------------------------------
+def node_sources(data_dir: str | Path, n: int) -> list[Path]:
+    """The first ``n`` node data sources in ``data_dir`` (.npz files and image folders)."""
+    d = Path(data_dir).expanduser()
+    if not d.is_dir():
+        raise DataError(f"--data: {str(d)!r} is not a folder (expected one .npz file or image "
+                        "folder per node)")
+    found = sorted(p for p in d.iterdir()
+                   if (p.is_file() and p.suffix == ".npz") or
+                   (p.is_dir() and not p.name.startswith(".")))
+    if len(found) < n:
+        raise DataError(f"--data: {str(d)!r} holds {len(found)} node data sources (.npz files "
+                        f"or image folders); --nodes {n} needs {n}")
+    return found[:n]
+
+
+def plan_local(cfg: ExperimentConfig, data_dir: str | Path, n: int,
+               device: str | None = None, threads: int | None = None) -> list[LocalNode]:
+    """The nodes of ``bonsai deploy local``, each one's data checked against the model."""
+    if n < 1:
+        raise DeployError(f"--nodes: got {n}; allowed: >= 1")
+    if threads is not None and threads < 1:
+        raise DeployError(f"--threads: got {threads}; allowed: >= 1")
+    nodes = [LocalNode(f"node-{i}", str(p.resolve()), i, device=device, threads=threads)
+             for i, p in enumerate(node_sources(data_dir, n))]
+    for node in nodes:
+        nd = node_data(cfg, node.node_config(None))  # raises DataError naming the path
+        check_model_fit(cfg.model, nd.input_shape, nd.num_classes,
+                        f"data-path: {node.data_path!r}")
+    return nodes
+
+
+def run_local(cfg: ExperimentConfig, nodes: list[LocalNode], console: Console | None = None,
+              live: bool = True, keys_dir: str | None = None, insecure: bool = False,
+              on_poll: Callable[[LocalFederation, Path], None] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` on a loopback federation of ``nodes``; return the run's summary.
+
+    ``on_poll(federation, run_dir)`` is called while the run is going (tests use
+    it to crash a node mid-run). Raises RuntimeFailure when no summary appears.
+    """
+    console = console or Console()
+    run_dir = prepare_run_dir(cfg)
+    run_config = write_run_config(cfg, run_dir / RUN_CONFIG_TOML)
+    summary_path = run_dir / SUMMARY_JSON
+    with LocalFederation(run_dir, nodes, keys_dir=keys_dir, insecure=insecure) as fed:
+        proc = fed.flwr_run(run_config)
+        for node in fed.wait_nodes():
+            console.print(f"[yellow]{node.name} was refused by the SuperLink (its key is not "
+                          f"registered); going on without it[/yellow]")
+
+        def running() -> bool:
+            if on_poll is not None:
+                on_poll(fed, run_dir)
+            return proc.poll() is None and not summary_path.exists()
+
+        if live:
+            watch(run_dir, cfg.rounds, running, console)
+        else:
+            while running():
+                time.sleep(0.25)
+        rc = wait_run(proc, summary_path)
+        if rc is None:  # all is saved: what is left is Flower's shutdown
+            fed.close(grace=0.0)
+    if not summary_path.exists():
+        tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeFailure(
+            f"the run ended (flwr exit code {rc}) without a summary; last lines of "
+            f"{run_dir / 'flower.log'}:\n" + "\n".join(tail))
+    summary = json.loads(summary_path.read_text())
+    summary["nodes"] = {n.name: ("refused" if n.refused else n.node_id) for n in nodes}
+    return summary

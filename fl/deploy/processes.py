@@ -17,6 +17,7 @@ Flower 1.42 facts this relies on (docs/ARCHITECTURE.md, Deployment):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -28,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from fl import interrupts
-from fl.proctree import Orphans, terminate_tree, terminate_trees
-from fl.runtime import TeardownFailure, flower_bin, toml_value
+from fl.proctree import MARKER_ENV, Orphans, terminate_tree, terminate_trees
+from fl.runtime import FLOWER_ENV, TeardownFailure, flower_bin, toml_value
 from fl.watchdog import Watchdog
 
 __all__ = [
@@ -40,8 +41,10 @@ __all__ = [
     "SuperNodeSpec",
     "check_port_free",
     "connection_toml",
+    "flower_env",
     "node_config_string",
     "register_node",
+    "run_foreground",
     "superlink_command",
     "supernode_command",
     "wait_node",
@@ -329,3 +332,26 @@ class Processes:
         if self.watchdog is not None:
             self.watchdog.close()
         return sorted(left)
+
+
+def flower_env(marker: str | None = None) -> dict[str, str]:
+    """This environment plus Flower's offline settings (fl.runtime.FLOWER_ENV) and, when
+    given, the marker every child inherits (fl.proctree)."""
+    env = {**os.environ, **FLOWER_ENV}
+    if marker:
+        env[MARKER_ENV] = marker
+    return env
+
+
+def run_foreground(name: str, cmd: Sequence[str], env: Mapping[str, str],
+                   cwd: str | None = None, remove: Sequence[str | Path] = ()) -> int:
+    """Run a Flower process in the foreground (its log on our stdout/stderr) and return its
+    exit code. Ctrl-C or SIGTERM ends it and its children (KeyboardInterrupt is raised
+    after they are gone), and so does a watchdog when this process is killed (it then
+    removes ``remove``); raises TeardownFailure when a process survived."""
+    interrupts.install()
+    procs = Processes(env, env.get(MARKER_ENV), remove=remove)
+    try:
+        return procs.start(name, cmd, None, cwd=cwd).wait()
+    finally:
+        procs.close()

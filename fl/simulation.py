@@ -1,0 +1,87 @@
+"""One experiment in Flower's simulation runtime, start to summary.
+
+:func:`run_simulation` prepares the results folder (fl.rundir), writes the
+run-config TOML, starts a private SuperLink (fl.runtime.SimulationRuntime), runs
+``flwr run`` with the federation this experiment needs, shows the live table
+(fl.progress) and returns the ServerApp's summary; the runtime ends every process
+on the way out, also on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fl.config import ExperimentConfig
+from fl.flowerapp import write_run_config
+from fl.progress import watch
+from fl.results import ROUNDS_CSV, ROUNDS_JSONL, RUN_CONFIG_TOML, STOPPING, SUMMARY_JSON
+from fl.rundir import prepare_run_dir
+from fl.runtime import RuntimeFailure, SimulationRuntime
+
+__all__ = ["federation_config", "run_simulation", "wait_run"]
+
+
+def federation_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Flower's federation settings for this experiment (SuperNodes and their resources)."""
+    return {
+        "num-supernodes": cfg.partition.num_clients,
+        "client-resources-num-cpus": cfg.resources.client_cpus,
+        "client-resources-num-gpus": cfg.resources.client_gpus,
+    }
+
+
+def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
+                   live: bool = True) -> dict[str, Any]:
+    """Run ``cfg`` through ``flwr run`` on a private SuperLink; return its summary.
+
+    Raises RuntimeFailure when the run does not produce a summary.
+    """
+    console = console or Console()
+    run_dir = prepare_run_dir(cfg)
+    run_config = write_run_config(cfg, run_dir / RUN_CONFIG_TOML)
+    (run_dir / STOPPING).unlink(missing_ok=True)  # from an interrupted run being resumed
+    if not cfg.resume:  # a run restarted at round 1 (stopped before it) starts new records
+        for name in (ROUNDS_JSONL, ROUNDS_CSV):
+            (run_dir / name).unlink(missing_ok=True)
+    summary_path = run_dir / SUMMARY_JSON
+    with SimulationRuntime(run_dir) as rt:
+        try:
+            proc = rt.flwr_run(run_config, federation_config(cfg))
+            if live:
+                watch(run_dir, cfg.rounds,
+                      lambda: proc.poll() is None and not summary_path.exists(), console)
+            rc = wait_run(proc, summary_path)
+            if rc is None:  # all is saved: what is left is Flower's and Ray's shutdown
+                rt.close(grace=0.0)
+        except BaseException:
+            # before the processes are ended: the server then records no further
+            # round, since the replies of the open one fail with the clients
+            (run_dir / STOPPING).touch()
+            raise
+    if not summary_path.exists():
+        tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeFailure(
+            f"the run ended (flwr exit code {rc}) without a summary; last lines of "
+            f"{run_dir / 'flower.log'}:\n" + "\n".join(tail)
+        )
+    return json.loads(summary_path.read_text())
+
+
+def wait_run(proc: subprocess.Popen, summary_path: Path, poll: float = 0.1) -> int | None:
+    """Wait until ``flwr run`` exits or the ServerApp has written ``summary_path``, its
+    last act; return the exit code, or None when the summary came first.
+
+    After the summary Flower still spends seconds ending the run and shutting Ray
+    down; the caller then ends those processes at once instead.
+    """
+    while proc.poll() is None:
+        if summary_path.exists():
+            return None
+        time.sleep(poll)
+    return proc.returncode
