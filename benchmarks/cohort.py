@@ -43,12 +43,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from kernels import _interleaved, append_record, machine  # noqa: E402  (benchmarks/kernels.py)
 from train_step import torch_then_mask  # noqa: E402  (benchmarks/train_step.py)
 
 import fl.train  # noqa: E402
+from benchmarks.common import append_record, interleaved, machine  # noqa: E402
 from fl.cohort import choose_mode, train_cohort  # noqa: E402
 from fl.config import TrainConfig  # noqa: E402
 from fl.data import Arrays  # noqa: E402
@@ -96,7 +95,7 @@ def bench(name: str, cohort: int, args: argparse.Namespace, device: torch.device
             out[side] = train_cohort(model, states[:k], datas[:k], cfg, **kw)
 
     sides = ("vectorised", "one_by_one_fused", "one_by_one_torch")
-    stats = _interleaved({s: (lambda s=s: run(s)) for s in sides}, args.repeats, device,
+    stats = interleaved({s: (lambda s=s: run(s)) for s in sides}, args.repeats, device,
                          warmup=1)  # fmt: skip
     clients_timed = {"vectorised": cohort, "one_by_one_fused": one, "one_by_one_torch": one}
     rate = {s: clients_timed[s] / stats[s]["min"] for s in sides}

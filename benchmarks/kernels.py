@@ -33,13 +33,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,8 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fl.kernels as K  # noqa: E402
-from fl.kernels._optim_common import OPTIM_GPU_BLOCK  # noqa: E402
-from fl.kernels._triton import HAS_TRITON  # noqa: E402
+from benchmarks.common import append_record, interleaved, machine  # noqa: E402
 from fl.kernels.adamw import masked_adamw_step_triton  # noqa: E402
 from fl.kernels.sgd import masked_sgd_step_triton  # noqa: E402
 from fl.optim import MaskedAdamW, MaskedSGD  # noqa: E402
@@ -95,67 +89,13 @@ def shapes_for(numel: int) -> list[tuple[int, ...]]:
 # --- timing ------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _calls_per_sample(fn: Callable[[], object], device: torch.device, target: float) -> int:
-    """How many back-to-back calls make one timed sample last about ``target`` seconds.
-
-    1 on CPU. On a GPU one call of a small step is a few microseconds, less than the
-    synchronisation around it, so a sample times a batch of calls (queued as a
-    training loop queues them) and divides.
-    """
-    if device.type != "cuda":
-        return 1
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    once = time.perf_counter() - start
-    return max(1, min(1000, int(target / max(once, 1e-7))))
-
-
-def _interleaved(
-    fns: dict[str, Callable[[], object]],
-    repeats: int,
-    device: torch.device,
-    warmup: int = 2,
-    target: float = 2e-3,
-) -> dict[str, dict[str, float]]:
-    """Min and median seconds per call of each function, run round-robin so load drifts
-    hit all alike.
-
-    Ratios are taken of the minima: on a shared host other processes only ever add
-    time, so the minimum is the least noisy estimate of a function's own cost.
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    calls = {name: _calls_per_sample(fn, device, target) for name, fn in fns.items()}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) / calls[name])
-    return {
-        k: {"min": min(v), "median": statistics.median(v), "calls_per_sample": calls[k]}
-        for k, v in times.items()
-    }
-
-
 def peak_bandwidth(device: torch.device) -> float | None:
     """Bytes/s of a large device-to-device copy (read + write), the attainable peak."""
     if device.type != "cuda":
         return None
     x = torch.empty(256 * 2**20, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
-    t = _interleaved({"copy": lambda: y.copy_(x)}, 10, device)["copy"]["min"]
+    t = interleaved({"copy": lambda: y.copy_(x)}, 10, device)["copy"]["min"]
     return 2 * 256 * 2**20 * 4 / t
 
 
@@ -212,7 +152,7 @@ def bench_optimizers(shapes, device, repeats) -> list[dict]:  # noqa: ANN001
                 fp.grad = rp.grad.clone()
             fused = torch.optim.AdamW(fused_params, fused=True, **hyper)
             fns["torch fused (info)"] = fused.step
-        stats = _interleaved(fns, repeats, device)
+        stats = interleaved(fns, repeats, device)
         t = {k: v["min"] for k, v in stats.items()}
         med = {k: v["median"] for k, v in stats.items()}
         row = {
@@ -295,7 +235,7 @@ def agreement(shapes, device, steps: int = 20) -> list[dict]:  # noqa: ANN001
 
 def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None) -> list[dict]:
     """The fused optimizer kernels at each (BLOCK, num_warps): what the GPU default
-    (``OPTIM_GPU_BLOCK``) should be. One flat buffer of ``n`` entries,
+    (``K.OPTIM_GPU_BLOCK``) should be. One flat buffer of ``n`` entries,
     50%-dense uint8 mask, SGD with momentum and decay, AdamW with decay."""
     g = torch.Generator(device="cpu").manual_seed(2)
     param = torch.randn(n, generator=g).to(device)
@@ -324,19 +264,19 @@ def sweep_launch(n: int, device: torch.device, repeats: int, peak: float | None)
             for block in (512, 1024, 2048, 4096)
             for warps in (2, 4, 8)
         }
-        stats = _interleaved(fns, repeats, device)
+        stats = interleaved(fns, repeats, device)
         for (block, warps), st in stats.items():
             rows.append(row(f"sweep {name}", n, block, warps, st["min"], bytes_per_entry))
     # the same SGD step over n - 2 entries (n % 16 = 14): what fl.optim's padding of its
     # flat buffers to a multiple of 16 avoids (Triton cannot vectorise the bounds mask)
     odd = n - 2
-    st = _interleaved(
+    st = interleaved(
         {"odd": lambda: masked_sgd_step_triton(
             param[:odd], grad[:odd], s1[:odd], mask[:odd], lr=1e-3, momentum=0.9,
             weight_decay=5e-4)},
         repeats, device,
     )["odd"]  # fmt: skip
-    rows.append(row("sweep sgd n%16=14", odd, OPTIM_GPU_BLOCK, 4, st["min"], 4 * 5 + 1))
+    rows.append(row("sweep sgd n%16=14", odd, K.OPTIM_GPU_BLOCK, 4, st["min"], 4 * 5 + 1))
     return rows
 
 
@@ -393,7 +333,7 @@ def bench_compression(shapes, device, repeats) -> list[dict]:  # noqa: ANN001
     for name, (ours, obvious) in cases.items():
         slow = name in ("kth_value", "quantile") or (n > 20e6 and "kept" in name)
         reps = max(3, repeats // 4) if slow else repeats
-        stats = _interleaved({"ours": ours, "obvious": obvious}, reps, device, warmup=1)
+        stats = interleaved({"ours": ours, "obvious": obvious}, reps, device, warmup=1)
         t = {k: v["min"] for k, v in stats.items()}
         rows.append(
             {
@@ -408,53 +348,6 @@ def bench_compression(shapes, device, repeats) -> list[dict]:  # noqa: ANN001
 
 
 # --- report ----------------------------------------------------------------------------
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _installed("triton"),
-        "triton_loaded": HAS_TRITON,  # False on CPU-only torch (fl/kernels/_triton.py)
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
-    return info
-
-
-def _installed(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def append_record(record: dict, kind: str, device: torch.device, out: Path | None) -> Path:
-    """Append ``record`` to the JSON list in ``out``, by default
-    benchmarks/results/<kind>-<cpu or the card's name>.json."""
-    slug = "cpu" if device.type == "cpu" else record["machine"]["device"].lower().replace(" ", "-")
-    out = out or ROOT / "benchmarks" / "results" / f"{kind}-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(record)
-    out.write_text(json.dumps(history, indent=1) + "\n")
-    print(f"# appended to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

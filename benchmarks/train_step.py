@@ -29,11 +29,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from kernels import _interleaved, append_record, machine  # noqa: E402  (benchmarks/kernels.py)
 
 import fl.train  # noqa: E402
+from benchmarks.common import append_record, interleaved, machine  # noqa: E402
 from fl.config import TrainConfig  # noqa: E402
 from fl.data import Arrays  # noqa: E402
 from fl.models import ResNet8  # noqa: E402
@@ -100,7 +98,7 @@ def bench(width: int, optimizer: str, device: torch.device, repeats: int) -> dic
             with mock.patch.object(fl.train, "make_optimizer", torch_then_mask):
                 fl.train.train(models[side], data, cfg, **kw)
 
-    stats = _interleaved({s: (lambda s=s: epoch(s)) for s in ("ours", "torch")}, repeats, device,
+    stats = interleaved({s: (lambda s=s: epoch(s)) for s in ("ours", "torch")}, repeats, device,
                          warmup=1)  # fmt: skip
     t = {k: v["min"] for k, v in stats.items()}
     return {

@@ -17,7 +17,6 @@ arrays, tuples) to those in ``state_dict`` and back in ``load_state_dict``.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fl.files import atomic_file
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -78,13 +79,12 @@ def save(run_dir: str | Path, ckpt: Checkpoint) -> None:
     """Write ``run_dir/checkpoint.pt`` atomically; TypeError (nothing written) when the
     checkpoint holds something :func:`load` could not read back (:func:`check_plain`)."""
     path = Path(run_dir) / CHECKPOINT
-    tmp = path.with_suffix(".pt.tmp")
     data = {"format": FORMAT, "round": ckpt.round, "arrays": dict(ckpt.arrays),
             "strategy": dict(ckpt.strategy), "counters": dict(ckpt.counters),
             "config": ckpt.config}
     check_plain(data)
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        torch.save(data, f)
 
 
 def load(run_dir: str | Path, config_json: str | None = None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fl.dotted import flatten
 from fl.yamlfile import YamlFileError, YamlSyntaxError, load_yaml, parse_yaml
 
 Scalar = bool | int | float | str
@@ -256,17 +257,6 @@ def _check_range(key: str, value: Any, problems: list[str]) -> None:
             problems.append(problem)
 
 
-def _flatten_yaml(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = prefix + str(k)
-        if isinstance(v, Mapping):
-            out.update(_flatten_yaml(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 #: keys that say where a run is written, not what it computes: a resumed run may differ in them
 PLACE_KEYS = frozenset({"output_dir", "run_dir", "resume"})
 
@@ -404,7 +394,7 @@ def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Exper
                                "one key, e.g. rounds: 30"])
         if not isinstance(data, Mapping):
             raise ConfigError([f"experiment file {str(p)!r}: expected a mapping of keys"])
-        values.update(_flatten_yaml(data))
+        values.update(flatten(data))
     for text in overrides:
         k, v = parse_override(text)
         values[k] = v

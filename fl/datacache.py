@@ -26,13 +26,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fl.files import atomic_file
 
 #: bump when the split, the partitioning or the stored layout changes
 FORMAT = 2
@@ -103,14 +104,8 @@ def _write(path: Path, text: str, arrays: Arrays) -> None:
     global _warned_unwritable
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{_KEY: np.array(text)}, **arrays)
-            os.replace(tmp, path)  # atomic: readers see the old state or the whole entry
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as f:  # readers see no entry or the whole entry
+            np.savez(f, **{_KEY: np.array(text)}, **arrays)
     except OSError as e:
         if not _warned_unwritable:
             _warned_unwritable = True

@@ -43,6 +43,7 @@ from fl.checkpoint import CHECKPOINT, CheckpointError
 from fl.checkpoint import load as load_checkpoint
 from fl.config import ConfigError, ExperimentConfig, build
 from fl.data import load_test
+from fl.dotted import flatten
 from fl.models import build_model, example_input
 from fl.pruning import (
     UnitGroup,
@@ -109,16 +110,6 @@ class ExportReport:
         return d
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def load_global(results_dir: str | Path) -> GlobalModel:
     """Read ``config.json``, ``final_model.pt`` and (if present) ``structure.json``."""
     d = Path(results_dir).expanduser()
@@ -128,7 +119,7 @@ def load_global(results_dir: str | Path) -> GlobalModel:
         if not (d / f).is_file():
             raise ExportError(f"RESULTS_DIR: {str(d)!r} has no {f} (did the run finish?)")
     try:
-        cfg = build(_flatten(json.loads((d / "config.json").read_text())))
+        cfg = build(flatten(json.loads((d / "config.json").read_text())))
     except (ConfigError, json.JSONDecodeError) as e:
         raise ExportError(f"{d / 'config.json'}: not a valid experiment config ({e})") from None
     try:

@@ -17,16 +17,15 @@ The checkout's own pyproject.toml carries the same ``[tool.flwr.app]`` table, so
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
 from fl.config import ExperimentConfig, to_flat
+from fl.dotted import nest
 
-__all__ = ["APP_TABLE", "COMPONENTS", "PUBLISHER", "app_pyproject", "nested",
+__all__ = ["APP_TABLE", "COMPONENTS", "PUBLISHER", "app_pyproject",
            "run_config_toml", "write_app", "write_run_config"]
 
 PUBLISHER = "bonsai"
@@ -34,18 +33,6 @@ COMPONENTS = {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
 DISTRIBUTION = "bonsai-fl"
 #: keys of the app's ``[tool.flwr.app]`` table that :func:`app_pyproject` writes
 APP_TABLE = ("publisher", "components", "config")
-
-
-def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a.b": 1, "a.c": 2}`` -> ``{"a": {"b": 1, "c": 2}}`` (dotted keys to tables)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *path, last = key.split(".")
-        node = out
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
 
 
 def _version() -> str:
@@ -66,7 +53,7 @@ def app_pyproject() -> str:
         "tool": {"flwr": {"app": {
             "publisher": PUBLISHER,
             "components": dict(COMPONENTS),
-            "config": nested(to_flat(ExperimentConfig())),
+            "config": nest(to_flat(ExperimentConfig())),
         }}},
     })
 
@@ -81,7 +68,7 @@ def write_app(folder: str | Path) -> Path:
 
 def run_config_toml(cfg: ExperimentConfig) -> str:
     """``cfg`` as the TOML file ``flwr run --run-config`` reads (every key, nested)."""
-    return tomli_w.dumps(nested(to_flat(cfg)))
+    return tomli_w.dumps(nest(to_flat(cfg)))
 
 
 def write_run_config(cfg: ExperimentConfig, path: str | Path) -> Path:

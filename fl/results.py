@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fl.files import atomic_file, atomic_write_json, atomic_write_text
+
 ROUNDS_JSONL = "rounds.jsonl"
 ROUNDS_CSV = "rounds.csv"
 SUMMARY_JSON = "summary.json"
@@ -25,12 +27,6 @@ RUN_CONFIG_TOML = "run_config.toml"
 #: written by ``bonsai run`` into the results folder before it stops the run's
 #: processes: the server records no round after it (server/rounds.py)
 STOPPING = "STOPPING"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunRecorder:
@@ -50,7 +46,7 @@ class RunRecorder:
             self.add_round(r)
 
     def write_config(self, config_json: str) -> None:
-        _atomic_write(self.dir / CONFIG_JSON, config_json + "\n")
+        atomic_write_text(self.dir / CONFIG_JSON, config_json + "\n")
 
     def add_round(self, record: Mapping[str, Any]) -> None:
         """Append one round: a line of rounds.jsonl (flushed) and the whole CSV."""
@@ -63,18 +59,16 @@ class RunRecorder:
         columns: list[str] = []
         for r in self.rounds:
             columns += [k for k in r if k not in columns]
-        tmp = self.dir / (ROUNDS_CSV + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_file(self.dir / ROUNDS_CSV, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
             w.writerows(self.rounds)
-        os.replace(tmp, self.dir / ROUNDS_CSV)
 
     def write_summary(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Summarise the rounds so far into summary.json and return it."""
         summary = summarize(self.rounds)
         summary.update(extra or {})
-        _atomic_write(self.dir / SUMMARY_JSON, json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(self.dir / SUMMARY_JSON, summary)
         return summary
 
 

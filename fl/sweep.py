@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import re
 import shutil
 import threading
@@ -42,12 +41,13 @@ from fl.config import (
     FIELDS,
     ConfigError,
     ExperimentConfig,
-    _flatten_yaml,
     build,
     parse_override,
     path_component_problem,
     shown,
 )
+from fl.dotted import flatten
+from fl.files import atomic_write_json
 from fl.results import SUMMARY_JSON, read_rounds
 from fl.yamlfile import YamlFileError, load_yaml
 
@@ -144,7 +144,7 @@ def _parse_axis(axis: str, spec: Any, problems: list[str]) -> dict[str, dict[str
                 problems.append(f"{where}.{name}: expected a mapping of config keys, got "
                                 f"{shown(overrides)}")
                 continue
-            out[_label(name)] = _flatten_yaml(overrides)
+            out[_label(name)] = flatten(overrides)
             for key in _SWEEP_KEYS:
                 if key in out[_label(name)]:
                     problems.append(f"{where}.{name}.{key}: set by the sweep; remove it")
@@ -213,7 +213,7 @@ def parse_study(data: Any, source: str = "study file",
     if not isinstance(base, Mapping):
         problems.append("base: expected a mapping of experiment keys")
         base = {}
-    base = _flatten_yaml(base)
+    base = flatten(base)
     for key in _SWEEP_KEYS:
         if key in base:
             problems.append(f"base.{key}: set by the sweep (each cell runs in STUDY_DIR/CELL); "
@@ -375,16 +375,6 @@ def cell_status(run_dir: Path) -> str:
     return "pending"
 
 
-def _flat_json(obj: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in obj.items():
-        if isinstance(v, Mapping):
-            out.update(_flat_json(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def stale_cells(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
     """Finished cells whose ``config.json`` differs from what the study asks now
     (a key present in both with another value): cell id -> ``key: old -> new``.
@@ -398,28 +388,22 @@ def stale_cells(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]
         if cell_status(run_dir) != "done":
             continue
         try:
-            old = _flat_json(json.loads((run_dir / CONFIG_JSON).read_text()))
+            old = flatten(json.loads((run_dir / CONFIG_JSON).read_text()))
         except (OSError, ValueError, AttributeError):
             out[cid] = [f"{run_dir / CONFIG_JSON} is missing or corrupt"]
             continue
-        new = _flat_json(json.loads(to_json(cfg)))
+        new = flatten(json.loads(to_json(cfg)))
         diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
         if diffs:
             out[cid] = diffs
     return out
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def write_manifest(study: Study, cells: list[Cell]) -> Path:
     """STUDY_DIR/study.json: the axes (choice names in order) and each cell."""
     study.dir.mkdir(parents=True, exist_ok=True)
     path = study.dir / STUDY_JSON
-    _atomic_json(path, {
+    atomic_write_json(path, {
         "name": study.name,
         "source": study.source,
         "axes": {a: list(choices) for a, choices in study.axes.items()},

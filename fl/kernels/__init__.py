@@ -15,6 +15,8 @@ and ``active`` flags; a 1-D buffer is the single-client call.
 Bad input raises ``ValueError`` naming the argument.
 """
 
+from fl.kernels._dispatch import BACKENDS, use_triton
+from fl.kernels._optim_common import OPTIM_GPU_BLOCK
 from fl.kernels._triton import HAS_TRITON
 from fl.kernels.adamw import masked_adamw_step, masked_adamw_step_reference
 from fl.kernels.bitpack import pack_bits, pack_bits_reference, unpack_bits, unpack_bits_reference
@@ -43,7 +45,9 @@ from fl.kernels.sgd import masked_sgd_step, masked_sgd_step_reference
 from fl.kernels.sqdev import sq_dev_accumulate, sq_dev_accumulate_reference
 
 __all__ = [
+    "BACKENDS",
     "HAS_TRITON",
+    "OPTIM_GPU_BLOCK",
     "dequantize_int8_blocks",
     "dequantize_int8_blocks_reference",
     "gather_kept",
@@ -68,6 +72,7 @@ __all__ = [
     "sq_dev_accumulate_reference",
     "threshold_mask",
     "threshold_mask_reference",
+    "use_triton",
     "unpack_bits",
     "unpack_bits_reference",
 ]
