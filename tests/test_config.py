@@ -124,7 +124,7 @@ def test_model_that_cannot_take_the_datasets_examples(overrides, expect):
 def test_models_that_fit_digits_and_any_model_on_a_file_validate():
     for model in ("cnn_fedavg", "cnn_leaf", "resnet18_gn", "cnn", "resnet8", "mlp"):
         assert c.load(None, [f"model={model}"]).model == model
-    # an .npz's shape is known only once it is read: checked before the run (fl.sweep)
+    # an .npz's shape is known only once it is read: checked before the run (fl.study)
     assert c.load(None, ["model=lenet", "dataset.name=npz", "dataset.path=x.npz"]).model == "lenet"
 
 

@@ -13,16 +13,16 @@ import yaml
 
 from fl.cli import main
 from fl.config import to_json
-from fl.sweep import (
+from fl.study import (
     STUDY_JSON,
     StudyError,
     cell_dir_name,
     expand,
     load_study,
     parse_study,
-    run_study,
     validate_cells,
 )
+from fl.sweep import run_study
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -166,7 +166,7 @@ def test_model_too_big_for_the_files_images_is_caught_before_running(tmp_path, c
     import numpy as np
 
     from fl.config import load
-    from fl.sweep import check_partitions
+    from fl.study import check_partitions
 
     rng = np.random.default_rng(0)
     npz = tmp_path / "small.npz"

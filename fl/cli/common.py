@@ -43,7 +43,7 @@ def load_or_fail(path: str | None, overrides: list[str]) -> ExperimentConfig | i
 def _check_data_child(partitions: bool = True) -> None:
     """Child-process entry of :func:`check_data`: ``{id: flat config}`` as JSON on stdin,
     ``{id: [problem, ...]}`` as the last line of stdout."""
-    from fl.sweep import check_partitions
+    from fl.study import check_partitions
 
     configs = {cid: from_flat(flat) for cid, flat in json.loads(sys.stdin.read()).items()}
     print(json.dumps(check_partitions(configs, partitions)))
@@ -54,7 +54,7 @@ def check_data(configs: Mapping[str, ExperimentConfig],
     """Check every config's data and model and build its dataset split and partitions
     into the data cache (fl.datacache) before anything runs: ``{id: problems}`` for the
     configs whose data is unusable or whose split cannot be made
-    (fl.sweep.check_partitions; ``partitions=False``: the datasets and models only).
+    (fl.study.check_partitions; ``partitions=False``: the datasets and models only).
 
     Runs in a short-lived child process: ``bonsai run`` and ``bonsai sweep`` live as
     long as their runs and should not keep torch, scikit-learn and flwr-datasets

@@ -13,16 +13,16 @@ from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail
 from fl.rundir import writable_problem
 from fl.runtime import RuntimeFailure
-from fl.sweep import (
+from fl.study import (
     StudyError,
     cell_status,
     expand,
     load_study,
-    run_study,
     stale_cells,
     summarize_problems,
     validate_cells,
 )
+from fl.sweep import run_study
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

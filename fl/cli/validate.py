@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _study_cells(path: str, overrides: list[str]) -> dict[str, ExperimentConfig] | int:
-    from fl.sweep import StudyError, expand, load_study, validate_cells
+    from fl.study import StudyError, expand, load_study, validate_cells
 
     try:
         cells = expand(load_study(path, overrides))

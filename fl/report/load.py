@@ -13,7 +13,7 @@ from fl.results import CONFIG_JSON, ROUNDS_JSONL, SUMMARY_JSON
 
 __all__ = ["CellData", "ReportError", "StudyData", "load_study_dir"]
 
-STUDY_JSON = "study.json"  # same name as fl.sweep.STUDY_JSON (kept import-light)
+STUDY_JSON = "study.json"  # same name as fl.study.STUDY_JSON (kept import-light)
 
 
 class ReportError(ValueError):
