@@ -9,7 +9,7 @@ Three implementations of one parameter tensor's aggregate, m client updates of d
 entries each (rows of one m x d tensor, as decoded replies would be):
 
 - ``mean``: :func:`fl.aggregate.weighted_mean` (FedAvg), the baseline of every ratio;
-- ``gram``: :func:`fl.aggregate.principal_gradient`, ALGORITHMS.md 2.3 in Gram form;
+- ``gram``: :func:`fl.aggregate.principal_gradient`, docs/ALGORITHMS.md §2.3 in Gram form;
 - ``loop``: the per-client projection-and-rescale form that materialises every direction u_j
   (``_loop_principal_gradient`` in tests/test_aggregate.py, imported, not rewritten). It is
   skipped where one call is estimated to take more than about a minute.

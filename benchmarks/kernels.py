@@ -41,6 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' obvious torch code is the baseline
 
 import fl.kernels as K  # noqa: E402
 from benchmarks.common import append_record, interleaved, machine  # noqa: E402

@@ -200,7 +200,7 @@ def _train_sparse(msg: Message, context: Context) -> Message:
 @measured
 def explore_handler(msg: Message, context: Context) -> Message:
     """AutoFLIP exploration: train a copy of theta_0 and return the squared
-    deviation (theta_k - theta_0)^2 of every prunable weight (ALGORITHMS.md 1.1)."""
+    deviation (theta_k - theta_0)^2 of every prunable weight (docs/ALGORITHMS.md §1.1)."""
     cfg, node, model = _setup(context)
     pid, data = node.partition_id, node.data
     state, _ = wire.decode(wire.from_record(msg.content[contract.PAYLOAD]))
@@ -221,7 +221,7 @@ def explore_handler(msg: Message, context: Context) -> Message:
 @app.evaluate(contract.DECOMPOSE_ACTION)
 def decompose_handler(msg: Message, context: Context) -> Message:
     """Loss of each of the round's client models and of the global model on this
-    node's own examples: one row of the loss decomposition (ALGORITHMS.md 2.1)."""
+    node's own examples: one row of the loss decomposition (docs/ALGORITHMS.md §2.1)."""
     cfg, node, model = _setup(context)
     device = pick_device(cfg.resources.device)
     losses = {}

@@ -14,6 +14,10 @@ Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for
 Visual Classification", arXiv:1909.06335, 2019 (FedAvgM).
 McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
 AISTATS 2017 (FedAvg).
+
+Why one module of this length: every rule the server applies to client updates,
+as pure tensor functions sharing their input checks; FedLD's aggregation is
+:func:`fedld_aggregate` over :func:`principal_gradient`.
 """
 
 from __future__ import annotations
@@ -263,7 +267,7 @@ def principal_gradient(
 ) -> Tensor:
     r"""FedLD principal-gradient aggregate of one parameter tensor (Zeng et al., MICCAI 2024).
 
-    Implements ALGORITHMS.md section 2.3 (which overrides the paper, arXiv:2408.12300, Sec. 2.3,
+    Implements docs/ALGORITHMS.md §2.3 (which overrides the paper, arXiv:2408.12300, Sec. 2.3,
     and the reference code Zeng-Shuang/FedLD). With :math:`G` the :math:`m \times d` matrix
     whose rows are the flattened client updates :math:`\Delta_i`:
 
@@ -416,7 +420,7 @@ def fedld_aggregate(
 ) -> dict[str, Tensor]:
     """FedLD server aggregation of a whole model update (Zeng et al., MICCAI 2024).
 
-    ALGORITHMS.md section 2.3, per tensor: the weighted mean (:func:`weighted_mean`, with
+    docs/ALGORITHMS.md §2.3, per tensor: the weighted mean (:func:`weighted_mean`, with
     ``weights``) in the first round, for tensors of at most one entry, for buffers (e.g.
     normalisation running statistics, listed in ``buffer_names``) and for non-floating
     tensors; :func:`principal_gradient` (uniform client weights, as in the reference code)
@@ -474,7 +478,8 @@ def apply_update(
     *,
     buffer_names: Collection[str] = frozenset(),
 ) -> dict[str, Tensor]:
-    r"""Return :math:`\theta_g + \eta\, g` (ALGORITHMS.md 2.3 step 4; ``server-lr`` = :math:`\eta`).
+    r"""Return :math:`\theta_g + \eta\, g` (docs/ALGORITHMS.md §2.3 step 4;
+    ``server-lr`` = :math:`\eta`).
 
     Parameters
     ----------

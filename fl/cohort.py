@@ -40,6 +40,9 @@ Models that vmap cannot batch (random ops such as dropout, data-dependent
 control flow), or batches only by looping over the clients (an op without a
 batching rule, e.g. the CPU LSTM kernel), are detected once per model class by
 a small probe and trained sequentially, with one log line.
+
+Why one module of this length: one algorithm, the two execution paths of the cohort
+trainer and the batch schedule and state stacking they share.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ The same schema is the Flower run config: every field is a flat dotted key
 (``partition.alpha``) with its default in ``[tool.flwr.app.config]`` of
 pyproject.toml, so ``flwr run .`` and ``bonsai run`` read the same settings
 (a test keeps the two in step). ``to_flat`` / ``from_flat`` convert.
+
+Why one module of this length: every key, its default, its allowed values and the
+rules between keys are read in one place; parsing and validation are the schema's.
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ class StrategyConfig:
 
 @dataclass
 class PruningConfig:
-    """AutoFLIP (and the random/magnitude baselines): ALGORITHMS.md section 1."""
+    """AutoFLIP (and the random/magnitude baselines): docs/ALGORITHMS.md §1."""
 
     explore_fraction: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True,
                                  doc="fraction of clients that explore (autoflip)")

@@ -1,4 +1,4 @@
-"""FedLD loss decomposition: a diagnostic any strategy can report (ALGORITHMS.md 2.1).
+"""FedLD loss decomposition: a diagnostic any strategy can report (docs/ALGORITHMS.md §2.1).
 
 References
 ----------
@@ -52,7 +52,7 @@ def decompose_loss(
 ) -> LossDecomposition:
     r"""Split the global model's loss into local, distribution-shift and aggregation terms.
 
-    ALGORITHMS.md 2.1 (Zeng et al., MICCAI 2024, arXiv:2408.12300, Eq. 1), with
+    docs/ALGORITHMS.md §2.1 (Zeng et al., MICCAI 2024, arXiv:2408.12300, Eq. 1), with
     :math:`L(w) = \sum_j p_j L_j(w)`:
 
     .. math::

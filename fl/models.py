@@ -11,6 +11,9 @@ ask it. Models from the literature: ``cnn_fedavg`` (McMahan et al. 2017),
 ``cnn_leaf`` (Caldas et al. 2018), ``lenet`` (Li et al., ICDE 2022),
 ``resnet18_gn`` (Reddi et al., ICLR 2021), ``char_lstm`` (Caldas et al. 2018;
 Li et al., MLSys 2020); each class's docstring gives its layer list and source.
+
+Why one module of this length: the registry and every architecture it builds, so
+one file says which models exist and what each is.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def build_model(
     """Build model ``name``; with ``seed`` the initial weights are reproducible.
 
     Every method in a comparison starts from the same theta_0 by building the
-    model with the same seed (ALGORITHMS.md 1.1).
+    model with the same seed (docs/ALGORITHMS.md §1.1).
     """
     if name not in _REGISTRY:
         raise ValueError(f"model: unknown value {name!r}; allowed: {', '.join(available_models())}")
@@ -176,7 +179,7 @@ class ResNet8(nn.Module):
     """ResNet-8: a stem, three basic blocks (16, 32, 64 channels), a linear head.
 
     The residual additions couple output channels across layers, which the
-    structured pruning must respect (ALGORITHMS.md 1.2).
+    structured pruning must respect (docs/ALGORITHMS.md §1.2).
     """
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 16):

@@ -3,7 +3,7 @@
 References
 ----------
 Zeng, Guo, Wang, Wang, Zhou and Qu, "Tackling Data Heterogeneity in Federated Learning via
-Loss Decomposition", MICCAI 2024, arXiv:2408.12300 (margin control, ALGORITHMS.md 2.2).
+Loss Decomposition", MICCAI 2024, arXiv:2408.12300 (margin control, docs/ALGORITHMS.md §2.2).
 Li, Sahu, Zaheer, Sanjabi, Talwalkar and Smith, "Federated Optimization in Heterogeneous
 Networks", MLSys 2020, arXiv:1812.06127 (FedProx).
 """
@@ -21,7 +21,7 @@ __all__ = ["margin_loss", "proximal_term"]
 
 
 def margin_loss(logits: Tensor, targets: Tensor, margin_lambda: float) -> Tensor:
-    r"""Cross-entropy with FedLD margin control (Zeng et al., MICCAI 2024, ALGORITHMS.md 2.2).
+    r"""Cross-entropy with FedLD margin control (Zeng et al., MICCAI 2024, docs/ALGORITHMS.md §2.2).
 
     .. math::
 

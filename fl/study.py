@@ -20,6 +20,10 @@ folder is ``STUDY_DIR/<id with ',' -> '__'>`` and it is finished when that
 folder holds ``summary.json``: finished cells are skipped, a half-finished one
 is cleared and run again. ``STUDY_DIR/study.json`` lists the axes and cells
 for ``bonsai report``.
+
+Why one module of this length: the study file's grammar (axes, choices,
+exclusions), its expansion into cells, their validation and their state on disk
+are one concept, which ``bonsai sweep``, ``validate`` and ``report`` share.
 """
 
 from __future__ import annotations

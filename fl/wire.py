@@ -8,7 +8,7 @@ The byte format is the ``TensorPayload`` protobuf of ``protos/bonsai_tensor.prot
   entries only. This is how a mask travels: the receiver stores it.
 - VALUES_AGAINST_MASK: the kept entries only, against a mask the receiver
   already holds at a named ``mask_version`` (AutoFLIP's download when the mask
-  did not change, and every upload of a masked update; ALGORITHMS.md 1.3).
+  did not change, and every upload of a masked update; docs/ALGORITHMS.md §1.3).
 
 Cost per tensor of n entries, k kept, itemsize b (plus ~10-20 bytes of protobuf
 framing and the name): DENSE ``n*b``; BITMAP_VALUES ``ceil(n/8) + k*b``;
@@ -18,6 +18,9 @@ VALUES_AGAINST_MASK ``k*b``. With int8 quantisation (float tensors only) the
 The decoder is strict: anything malformed raises :class:`WireError`, naming the
 tensor, before large allocations happen. ``to_record``/``from_record`` carry the
 bytes inside a Flower ``RecordDict``; ``message_nbytes`` counts serialised bytes.
+
+Why one module of this length: it is the whole wire format; each layout's encoder
+and decoder sit side by side, so that a change to one shows the other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The loss-decomposition diagnostic, for any strategy (ALGORITHMS.md 2.1).
+"""The loss-decomposition diagnostic, for any strategy (docs/ALGORITHMS.md §2.1).
 
 After a round, each participating client evaluates every client model of the
 round and the new global model on its own data (K^2 + K evaluations, one

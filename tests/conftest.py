@@ -31,10 +31,9 @@ def _remove_flwr_home():
 @pytest.fixture
 def on_test_device():
     """Tensors a test makes land on BONSAI_TEST_DEVICE (cpu unless the GPU check sets
-    cuda; fl.kernels.testing)."""
+    cuda; kernel_checks)."""
     import torch
-
-    from fl.kernels.testing import TEST_DEVICE
+    from kernel_checks import TEST_DEVICE
 
     if TEST_DEVICE == "cpu":  # the default already; the context would add a TorchFunctionMode
         yield

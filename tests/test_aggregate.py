@@ -1,7 +1,7 @@
 """Tests of fl/aggregate.py: weighted mean, server momentum, FedLD principal gradient.
 
 The principal gradient is checked against `_slow_principal_gradient`, written here from the
-per-client projection-and-rescale form of ALGORITHMS.md 2.3: it takes the directions from an
+per-client projection-and-rescale form of docs/ALGORITHMS.md §2.3: it takes the directions from an
 SVD of the update matrix (not from the Gram matrix the code uses), materialises every u_j and
 projects every client on it.
 """

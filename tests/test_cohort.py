@@ -26,12 +26,12 @@ import logging
 
 import pytest
 import torch
+from kernel_checks import assert_close, assert_exact
 from torch import nn
 
 from fl.cohort import choose_mode, train_cohort, vectorisable
 from fl.config import TrainConfig
 from fl.data import Arrays
-from fl.kernels.testing import assert_close, assert_exact
 from fl.models import build_model
 from fl.train import train
 

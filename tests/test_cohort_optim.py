@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import TEST_DEVICE, assert_exact
 
-from fl.kernels.testing import TEST_DEVICE, assert_exact
 from fl.optim import CohortAdamW, CohortSGD, MaskedAdamW, MaskedSGD
 
 K = 3

@@ -1,4 +1,4 @@
-"""Tests of fl/decomposition.py: the FedLD loss decomposition (ALGORITHMS.md 2.1)."""
+"""Tests of fl/decomposition.py: the FedLD loss decomposition (docs/ALGORITHMS.md §2.1)."""
 
 from __future__ import annotations
 

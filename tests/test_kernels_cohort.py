@@ -23,10 +23,10 @@ import itertools
 
 import pytest
 import torch
+from kernel_checks import SGD_ULPS, assert_close, assert_exact, assert_ulp, generator
 
 from fl.kernels.adamw import masked_adamw_step
 from fl.kernels.sgd import masked_sgd_step
-from fl.kernels.testing import SGD_ULPS, assert_close, assert_exact, assert_ulp, generator
 
 pytestmark = pytest.mark.usefixtures("on_test_device")
 

@@ -17,9 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import fl.kernels as K
-from fl.kernels.testing import (
+from kernel_checks import (
     TEST_DEVICE,
     assert_close,
     assert_exact,
@@ -27,6 +25,8 @@ from fl.kernels.testing import (
     generator,
     linear_quantile,
 )
+
+import fl.kernels as K
 
 ROOT = Path(__file__).resolve().parent.parent
 

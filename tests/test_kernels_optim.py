@@ -18,10 +18,10 @@ import itertools
 
 import pytest
 import torch
+from kernel_checks import SGD_ULPS, assert_close, assert_exact, assert_ulp, generator
 
 from fl.kernels.adamw import masked_adamw_step
 from fl.kernels.sgd import masked_sgd_step
-from fl.kernels.testing import SGD_ULPS, assert_close, assert_exact, assert_ulp, generator
 
 SIZES = [1, 1025]  # option grids: a 1-entry buffer and a masked tail past a power of two
 STEPS = 3

@@ -16,10 +16,10 @@ import itertools
 
 import pytest
 import torch
+from kernel_checks import SGD_ULPS, assert_close, assert_exact, assert_ulp, linear_quantile
 from torch import nn
 
 import fl.kernels.adamw as _adamw_module
-from fl.kernels.testing import SGD_ULPS, assert_close, assert_exact, assert_ulp, linear_quantile
 from fl.optim import MaskedAdamW, MaskedSGD
 
 STEPS = 12

@@ -1,4 +1,4 @@
-"""FLOPs per example from real layer shapes (ALGORITHMS.md 1.4), against hand counts."""
+"""FLOPs per example from real layer shapes (docs/ALGORITHMS.md §1.4), against hand counts."""
 
 from __future__ import annotations
 

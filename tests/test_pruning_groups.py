@@ -1,4 +1,5 @@
-"""Coupled unit groups (ALGORITHMS.md 1.2): who is removed together, and what is never removed."""
+"""Coupled unit groups (docs/ALGORITHMS.md §1.2): who is removed together, and what is
+never removed."""
 
 from __future__ import annotations
 

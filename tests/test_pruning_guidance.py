@@ -1,4 +1,4 @@
-"""Guidance from exploration and from round updates (ALGORITHMS.md 1.1, 1.3), by hand."""
+"""Guidance from exploration and from round updates (docs/ALGORITHMS.md §1.1, 1.3), by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Structured and unstructured masks on hand-built guidance (ALGORITHMS.md 1.2, 1.3, 4)."""
+"""Structured and unstructured masks on hand-built guidance (docs/ALGORITHMS.md §1.2, 1.3, 4)."""
 
 from __future__ import annotations
 

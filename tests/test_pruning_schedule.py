@@ -1,4 +1,4 @@
-"""Cubic sparsity schedule (Zhu and Gupta 2017; ALGORITHMS.md 1.3) and the mask period."""
+"""Cubic sparsity schedule (Zhu and Gupta 2017; docs/ALGORITHMS.md §1.3) and the mask period."""
 
 from __future__ import annotations
 

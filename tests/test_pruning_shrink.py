@@ -1,4 +1,5 @@
-"""Physical shrinking and the state maps between the full and the small view (ALGORITHMS.md 1.2)."""
+"""Physical shrinking and the state maps between the full and the small view
+(docs/ALGORITHMS.md §1.2)."""
 
 from __future__ import annotations
 

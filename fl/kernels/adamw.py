@@ -36,6 +36,10 @@ computed on the host by :func:`adamw_scalars`, as the single-client launch
 computes them, so a stacked Triton row equals the single-client Triton step
 bitwise. The Triton kernel does all rows in one launch; the reference runs the
 single-client reference row by row.
+
+Why one module of this length: the house rule for kernels (docs/ARCHITECTURE.md,
+Kernels) keeps the Triton kernels, their launchers, the PyTorch reference and the
+dispatching function of one op together, since they are read and changed together.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Segment ``i`` is ``x[offsets[i]:offsets[i+1]]`` (one parameter tensor of the
 model); each is mapped to [0, 1] by ``(x - min) / (max - min)``. A constant
-segment carries no information and maps to all 1.0 (ALGORITHMS.md 1.1 step
+segment carries no information and maps to all 1.0 (docs/ALGORITHMS.md §1.1 step
 4: kept). Empty segments are allowed.
 
 The Triton version splits every segment into chunks of ``BLOCK`` entries (a

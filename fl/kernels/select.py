@@ -3,7 +3,7 @@
 ``torch.quantile`` refused inputs above 2**24 entries before torch 2.14, is a full
 sort (slow on a GPU), and AutoFLIP needs the
 exact global ``unstructured-ratio`` quantile of the guidance over the whole
-model (ALGORITHMS.md 1.2). ``kth_value`` is exact at any size: the reference
+model (docs/ALGORITHMS.md §1.2). ``kth_value`` is exact at any size: the reference
 is ``torch.kthvalue`` (a quickselect); the Triton version is a radix select
 over order-preserving 32-bit keys, four passes of 8 bits, each a masked
 ``tl.histogram`` of the next digit among the entries that share the prefix

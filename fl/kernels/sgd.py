@@ -33,6 +33,10 @@ The reference runs the same torch ops as torch.optim.SGD on one flat buffer,
 writing temporaries into a caller-owned ``workspace`` instead of allocating
 a fresh gradient-sized tensor each step; that is what keeps the masked step
 within reach of torch's unmasked foreach step on CPU (benchmarks/kernels.py).
+
+Why one module of this length: the house rule for kernels (docs/ARCHITECTURE.md,
+Kernels) keeps the Triton kernels, their launchers, the PyTorch reference and the
+dispatching function of one op together, since they are read and changed together.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Squared-deviation accumulation ``acc += weight * (a - b)**2`` on flat buffers.
 
-AutoFLIP's exploration (ALGORITHMS.md 1.1 step 3-4) and adaptive guidance
+AutoFLIP's exploration (docs/ALGORITHMS.md §1.1 step 3-4) and adaptive guidance
 (1.3) sum ``n_k (theta_k - theta_0)**2`` over clients: one fused pass per
 client instead of a subtraction, a square and an add over the whole model.
 Arithmetic is fp32 whatever the dtype of ``a`` and ``b``.

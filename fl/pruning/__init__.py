@@ -1,7 +1,7 @@
 """AutoFLIP hybrid pruning: guidance -> structured + unstructured masks -> smaller model.
 
 Interno et al., "Federated Hybrid Model Pruning through Loss Landscape
-Exploration", arXiv 2405.10271, as specified (and overridden) by ALGORITHMS.md
+Exploration", arXiv 2405.10271, as specified (and overridden) by docs/ALGORITHMS.md
 section 1. One job per module:
 
 - :mod:`~fl.pruning.guidance`: exploration guidance, folding updates, GuidanceState

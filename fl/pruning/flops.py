@@ -1,6 +1,6 @@
 """FLOPs per example of the model the clients train, from its REAL layer shapes.
 
-ALGORITHMS.md 1.4 (AutoFLIP, Interno et al., arXiv 2405.10271) asks for the
+docs/ALGORITHMS.md §1.4 (AutoFLIP, Interno et al., arXiv 2405.10271) asks for the
 FLOPs of the shrunken model, with unstructured zeros counted separately.
 
 Convention (stated once, used everywhere):

@@ -2,7 +2,7 @@
 
 AutoFLIP (Interno et al., "Federated Hybrid Model Pruning through Loss Landscape
 Exploration", arXiv 2405.10271) removes whole units (convolution filters, linear
-neurons). ALGORITHMS.md 1.2: units whose outputs are tied together (a residual
+neurons). docs/ALGORITHMS.md §1.2: units whose outputs are tied together (a residual
 addition, a normalisation layer after a convolution, the next layer's matching
 input channels) form one group and are scored and removed together.
 
@@ -80,7 +80,7 @@ _IN_TENSORS: dict[type[nn.Module], tuple[tuple[str, int, bool], ...]] = {
     nn.Linear: (("weight", 1, False),),
     nn.LSTM: (("weight_ih_l0", 1, False),),
 }
-#: the weights whose rows compute a unit (its fan-in, ALGORITHMS.md 1.2)
+#: the weights whose rows compute a unit (its fan-in, docs/ALGORITHMS.md §1.2)
 _PRODUCER_WEIGHTS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Conv2d: ("weight",),
     nn.Linear: ("weight",),
@@ -140,7 +140,7 @@ class UnitGroup:
         Number of units in the full model.
     producers:
         Weight names of the convolution/linear/LSTM layers whose *outputs* are
-        the units (the fan-in used to score them, ALGORITHMS.md 1.2; both
+        the units (the fan-in used to score them, docs/ALGORITHMS.md §1.2; both
         weight matrices of an LSTM).
     block:
         Channels per unit: the GroupNorm group size where a GroupNorm normalises
@@ -174,7 +174,7 @@ def prunable_names(model: nn.Module) -> list[str]:
     included) and the weight matrices of LSTMs (``weight_ih_l*``, ``weight_hh_l*``).
 
     The classifier's weight is prunable entry-wise (unstructured); only its
-    output units are protected (ALGORITHMS.md 1.2). Embeddings, biases and
+    output units are protected (docs/ALGORITHMS.md §1.2). Embeddings, biases and
     normalisation parameters are not prunable.
     """
     out = []

@@ -1,7 +1,7 @@
 """Guidance G: per-entry importance from federated loss-landscape exploration.
 
 AutoFLIP (Interno et al., "Federated Hybrid Model Pruning through Loss Landscape
-Exploration", arXiv 2405.10271), as specified by ALGORITHMS.md:
+Exploration", arXiv 2405.10271), as specified by docs/ALGORITHMS.md:
 
 - 1.1 exploration: LS = sum_k n_k D_k / sum_k n_k over the explorers' squared
   deviations D_k = (theta_k - theta_0)^2, then per-tensor min-max scaling to
@@ -89,7 +89,7 @@ def exploration_guidance(
     num_examples: Sequence[int],
     prunable: Sequence[str],
 ) -> dict[str, torch.Tensor]:
-    """Initial guidance from the explorers' squared deviations (ALGORITHMS.md 1.1).
+    """Initial guidance from the explorers' squared deviations (docs/ALGORITHMS.md §1.1).
 
     Parameters
     ----------
@@ -124,7 +124,7 @@ def fold_updates(
     num_examples: Sequence[int],
     decay: float,
 ) -> dict[str, torch.Tensor]:
-    """Fold one round of client updates into the guidance (ALGORITHMS.md 1.3).
+    """Fold one round of client updates into the guidance (docs/ALGORITHMS.md §1.3).
 
     ``G <- decay * G + (1 - decay) * minmax(sum_k n_k Delta_k^2 / sum_k n_k)``,
     min-max per tensor (constant -> 1). Only the tensors in ``guidance`` are

@@ -1,6 +1,6 @@
 """One mask recomputation: scores -> kept units (M_s) -> hybrid mask (M_s * M_u).
 
-This is the per-round sequence of ALGORITHMS.md 1.2-1.3 in one pure function,
+This is the per-round sequence of docs/ALGORITHMS.md §1.2-1.3 in one pure function,
 used by AutoFLIP (scores = guidance G) and by the baselines (scores = |w| for
 global magnitude pruning, uniform noise for random pruning), so all three
 prune on the same schedule with the same rule.

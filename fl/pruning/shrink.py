@@ -1,6 +1,6 @@
 """Physical shrinking: the smaller model the clients train, and state maps between views.
 
-ALGORITHMS.md 1.2 (AutoFLIP, Interno et al., arXiv 2405.10271): structurally
+docs/ALGORITHMS.md §1.2 (AutoFLIP, Interno et al., arXiv 2405.10271): structurally
 removed units are removed physically, so the clients' model has fewer channels
 and neurons, which is where the computation saving comes from. The server keeps
 the full-model view; :func:`shrink_state` and :func:`expand_state` move state

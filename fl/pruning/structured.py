@@ -1,14 +1,14 @@
 """Structured part M_s of the AutoFLIP hybrid mask: which units of each group survive.
 
 Interno et al., "Federated Hybrid Model Pruning through Loss Landscape
-Exploration", arXiv 2405.10271; the rule implemented is ALGORITHMS.md 1.2:
+Exploration", arXiv 2405.10271; the rule implemented is docs/ALGORITHMS.md §1.2:
 a unit's score is the mean guidance over its fan-in weights; coupled units are
 scored together (here: the mean over the group's producer layers of each
 producer's fan-in mean); in every group the lowest ``structured_ratio``
 fraction of the *full* unit count is removed, never leaving fewer than
-``min_units``. Removal is permanent (ALGORITHMS.md 1.3): only units kept by the
+``min_units``. Removal is permanent (docs/ALGORITHMS.md §1.3): only units kept by the
 previous structure are candidates. Deviation from the paper: the paper's public
-code has no structured part; this one follows ALGORITHMS.md.
+code has no structured part; this one follows docs/ALGORITHMS.md.
 
 A :data:`Structure` maps group name -> sorted int64 tensor of kept unit indices
 in the FULL model's index space; it travels to clients as JSON via
@@ -168,7 +168,7 @@ def select_units(
     min_units: int = 1,
     previous: Mapping[str, torch.Tensor] | None = None,
 ) -> Structure:
-    """Compute the new structure M_s from the guidance (ALGORITHMS.md 1.2, 1.3).
+    """Compute the new structure M_s from the guidance (docs/ALGORITHMS.md §1.2, 1.3).
 
     Parameters
     ----------

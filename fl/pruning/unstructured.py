@@ -1,6 +1,6 @@
 """Unstructured part M_u, the hybrid mask M = M_s * M_u, and the pruning baselines.
 
-AutoFLIP (Interno et al., arXiv 2405.10271) as specified by ALGORITHMS.md 1.2:
+AutoFLIP (Interno et al., arXiv 2405.10271) as specified by docs/ALGORITHMS.md §1.2:
 over the entries that survive M_s, one GLOBAL threshold tau = the
 ``unstructured_ratio`` quantile of the guidance G (exact, linear interpolation
 as :func:`torch.quantile`, also beyond 2^24 entries, via
@@ -9,7 +9,7 @@ every surviving entry (``G > min`` would drop the minimum). Entries equal to
 tau are dropped, as the rule says, so heavy ties at tau prune more than the
 ratio.
 
-Baselines (ALGORITHMS.md 4), same schedule and sparsity: :func:`random_mask`
+Baselines (docs/ALGORITHMS.md §4), same schedule and sparsity: :func:`random_mask`
 (a fresh, seeded random mask keeping exactly the same number of entries) and
 :func:`magnitude_mask` (global magnitude: the same quantile rule on |w|).
 All masks are ``dict[name -> bool Tensor]`` over the prunable tensors, in

@@ -1,5 +1,5 @@
-"""Kernel tests' helpers: assertions whose failures say how many entries differ and
-where, and the device the tests make their tensors on.
+"""Kernel tests' helpers (test code, so it lives in tests/): assertions whose failures
+say how many entries differ and where, and the device the tests make their tensors on.
 
 Three strengths of comparison, each for its case: :func:`assert_exact` where the
 project controls both sides (a reference against itself, or against the obvious
