@@ -11,8 +11,7 @@ int8 quantisation for inference.
 - QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised
   operator, which onnxruntime's CPU provider fuses into integer kernels), int8
   weights per output channel, uint8 activations (the U8S8 combination that
-  onnxruntime recommends for x86 CPUs; int8 activations measured slower here:
-  ResNet-8 0.061 against 0.026 ms per example, ``benchmarks/edge.py``).
+  onnxruntime's documentation recommends for x86 CPUs).
 
 We use onnxruntime's quantiser and not torch.ao: the model is checked and
 timed in onnxruntime anyway, the QDQ file runs in any onnxruntime build (the
