@@ -18,10 +18,18 @@ it also holds ``structure.json``: group name -> kept unit indices
    as it is);
 4. saves it as TorchScript (``torch.jit.trace``) or ONNX (``torch.onnx.export``
    with ``dynamo=False``, opset 17, a dynamic batch dimension);
-5. reloads the saved file and checks that it predicts the same classes on the
-   run's test split as the full global model as saved (full shapes, zeros at the
-   removed units, not rebuilt from ``structure.json``), and measures parameters,
-   file size, FLOPs per example (:func:`fl.pruning.count_flops`) and CPU latency.
+5. reloads the saved file in the runtime a device runs it in (TorchScript:
+   ``torch.jit.load``; ONNX: onnxruntime's CPU provider) and checks that it
+   predicts the same classes on the run's test split as the full global model
+   as saved (full shapes, zeros at the removed units, not rebuilt from
+   ``structure.json``); measures parameters, file size, FLOPs per example
+   (:func:`fl.pruning.count_flops`), test accuracy and the latency of one
+   example on ``threads`` CPU threads (ONNX: in onnxruntime and, side by side,
+   in TorchScript);
+6. with ``quantize="int8"`` (ONNX only), quantises the checked file with
+   onnxruntime's static quantiser (:mod:`fl.quantize`), calibrated on a slice
+   of the test split, and reports its size, latency and accuracy next to the
+   float model's.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +63,10 @@ from fl.pruning import (
     validate_structure,
     zero_units,
 )
+from fl.quantize import QuantizeError, quantize_int8, require_onnxruntime, session
 
-__all__ = ["FORMATS", "ExportError", "ExportMismatch", "ExportReport", "export_run",
-           "load_global"]
+__all__ = ["FORMATS", "QUANTIZE", "ExportError", "ExportMismatch", "ExportReport", "Int8Report",
+           "export_run", "load_global"]
 
 FORMATS = ("torchscript", "onnx")
 STRUCTURE_JSON = "structure.json"
@@ -86,6 +95,20 @@ class GlobalModel:
 
 
 @dataclass(frozen=True)
+class Int8Report:
+    """The int8 model next to the float one (``--quantize int8``)."""
+
+    path: Path
+    file_bytes: int
+    latency_ms: float  #: median onnxruntime latency of one example, same threads
+    accuracy: float  #: on the whole test split (calibration slice included)
+    float_accuracy: float
+    accuracy_drop: float  #: float_accuracy - accuracy, in [-1, 1]
+    equal_to_float: int  #: test examples where int8 and float predict the same class
+    settings: dict[str, Any]  #: format, weights, activations, calibration (fl.quantize)
+
+
+@dataclass(frozen=True)
 class ExportReport:
     """What :func:`export_run` wrote and measured."""
 
@@ -97,16 +120,23 @@ class ExportReport:
     file_bytes: int
     flops: int
     full_flops: int
-    latency_ms: float  #: median CPU latency of one example (batch 1)
+    latency_ms: float  #: median CPU latency of one example (batch 1), in latency_runtime
     latency_runtime: str
+    #: runtime -> median latency (ms) of one example: the exported file's runtime and,
+    #: for ONNX, TorchScript (the same small model traced) side by side
+    latency_by_runtime: dict[str, float]
     threads: int
     test_examples: int
     equal_predictions: int
     max_abs_logit_diff: float
+    accuracy: float  #: of the exported model on the test split
+    int8: Int8Report | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
+        d = asdict(self)
         d["path"] = str(self.path)
+        if self.int8 is not None:
+            d["int8"]["path"] = str(self.int8.path)
         return d
 
 
@@ -220,60 +250,35 @@ def _save(model: nn.Module, example: torch.Tensor, fmt: str, path: Path) -> None
             traced = torch.jit.trace(model, example)
         traced.save(str(path))
         return
-    try:
-        import onnx  # noqa: F401 - torch.onnx.export needs it
-    except ImportError:
-        raise ExportError("--format onnx needs the onnx package: pip install "
-                          "'bonsai-fl[export]' (onnx, onnxscript)") from None
     torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
 
 
-def _runner(fmt: str, path: Path, fallback: nn.Module
-            ) -> tuple[Callable[[np.ndarray], np.ndarray], str, Callable[[np.ndarray], Any]]:
-    """(predict for checking, latency runtime name, call for timing) of the saved file."""
-    if fmt == "torchscript":
-        loaded = torch.jit.load(str(path), map_location="cpu")
-        loaded.eval()
-
-        def run_ts(x: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return loaded(torch.from_numpy(x)).numpy()
-
-        return run_ts, "TorchScript (torch.jit.load)", run_ts
-    import onnx
-    from onnx.reference import ReferenceEvaluator
-
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model)
-    ref = ReferenceEvaluator(model)
-
-    def run_ref(x: np.ndarray) -> np.ndarray:
-        return np.asarray(ref.run(None, {"input": x})[0])
-
-    try:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run_ort(x: np.ndarray) -> np.ndarray:
-            return np.asarray(sess.run(None, {"input": x})[0])
-
-        return run_ort, "ONNX Runtime (CPU)", run_ort
-    except ImportError:
-        pass
-
-    def run_torch(x: np.ndarray) -> np.ndarray:
+def _ts_predict(module: Any) -> Callable[[np.ndarray], np.ndarray]:
+    def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return fallback(torch.from_numpy(x)).numpy()
+            return module(torch.from_numpy(x)).numpy()
 
-    # no onnxruntime here: check with ONNX's reference evaluator, time the exported module
-    return run_ref, "PyTorch eager (the exported module; onnxruntime not installed)", run_torch
+    return run
+
+
+def _ort_predict(sess: Any) -> Callable[[np.ndarray], np.ndarray]:
+    name = sess.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run(None, {name: x})[0])
+
+    return run
+
+
+def _predict_all(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    return np.concatenate([predict(x[i:i + 256]) for i in range(0, len(x), 256)])
 
 
 def _latency_ms(call: Callable[[np.ndarray], Any], x: np.ndarray, runs: int) -> float:
-    for _ in range(min(5, runs)):
+    """Median seconds of ``call(x)`` over ``runs`` timed calls (after a warm-up), in ms."""
+    for _ in range(min(10, runs)):
         call(x)
     times = []
     for _ in range(runs):
@@ -283,24 +288,52 @@ def _latency_ms(call: Callable[[np.ndarray], Any], x: np.ndarray, runs: int) -> 
     return 1000 * statistics.median(times)
 
 
+def _calibration_slice(n_test: int, n: int, seed: int) -> np.ndarray:
+    """Indices of ``n`` test examples (a seeded permutation: every class is likely in)."""
+    return np.random.default_rng(seed).permutation(n_test)[:min(n, n_test)]
+
+
+QUANTIZE = ("int8",)
+
+
 def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Path | None = None,
-               threads: int = 1, runs: int = 50) -> ExportReport:
+               threads: int = 1, runs: int = 50, quantize: str | None = None,
+               calibration: int = 128) -> ExportReport:
     """Export the final global model of ``results_dir``; see the module docstring.
 
     Raises
     ------
     ExportError
-        Bad format, missing files, a structure that does not fit the model, or
-        an exported file whose predictions differ from the global model's.
+        Bad format, missing files or packages, a structure that does not fit the
+        model, a model that cannot be quantised, or (:class:`ExportMismatch`) an
+        exported file whose predictions differ from the global model's.
     """
     if fmt not in FORMATS:
         raise ExportError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
     if threads < 1 or runs < 1:
         raise ExportError("--threads and --runs must be >= 1")
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ExportError(f"--quantize: got {quantize!r}; allowed: {', '.join(QUANTIZE)}")
+        if fmt != "onnx":
+            raise ExportError(f"--quantize {quantize}: needs --format onnx (onnxruntime's "
+                              f"quantiser); got --format {fmt}")
+        if calibration < 1:
+            raise ExportError(f"--calibration: got {calibration}; allowed: >= 1")
+    if fmt == "onnx":
+        try:
+            require_onnxruntime()
+        except QuantizeError as e:
+            raise ExportError(str(e)) from None
     g = load_global(results_dir)
     path = Path(out) if out else Path(results_dir) / f"model{SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example_input(g.small, g.input_shape)
+    test = load_test(g.cfg).test
+    x_test = test.x.numpy()
+    if x_test.dtype.kind == "f":  # token ids stay integers
+        x_test = x_test.astype(np.float32)
+    y_test = test.y.numpy()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -310,30 +343,76 @@ def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Pat
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             _save(g.small, example, fmt, path)
-            predict, runtime, timed = _runner(fmt, path, g.small)
-        x_test = load_test(g.cfg).test.x.numpy()
-        if x_test.dtype.kind == "f":  # token ids stay integers
-            x_test = x_test.astype(np.float32)
+            if fmt == "onnx":
+                import onnx
+
+                try:
+                    onnx.checker.check_model(onnx.load(str(path)))
+                    sess = session(path, threads)
+                except Exception as e:  # noqa: BLE001 - onnx/onnxruntime raise many types
+                    raise ExportMismatch(f"{path}: onnxruntime cannot load the exported file: "
+                                         f"{str(e).strip().splitlines()[0]}") from None
+                predict, runtime = _ort_predict(sess), "onnxruntime (CPU)"
+                with torch.no_grad():
+                    ts = torch.jit.trace(g.small, example)
+            else:
+                ts = torch.jit.load(str(path), map_location="cpu")
+                ts.eval()
+                predict, runtime = _ts_predict(ts), "TorchScript (torch.jit.load)"
         with torch.no_grad():
             want = g.full(torch.from_numpy(x_test)).numpy()
-        got = np.concatenate([predict(x_test[i:i + 256]) for i in range(0, len(x_test), 256)])
-        latency = _latency_ms(timed, x_test[:1], runs)
+        got = _predict_all(predict, x_test)
+        latency = {("onnxruntime" if fmt == "onnx" else "torchscript"):
+                   _latency_ms(predict, x_test[:1], runs)}
+        if fmt == "onnx":
+            latency["torchscript"] = _latency_ms(_ts_predict(ts), x_test[:1], runs)
     finally:
         torch.set_num_threads(prev_threads)
     equal = int((got.argmax(1) == want.argmax(1)).sum())
+    accuracy = float((got.argmax(1) == y_test).mean()) if len(y_test) else 0.0
+    first = next(iter(latency.values()))
     report = ExportReport(
         path=path, format=fmt, structured=g.structured,
         params=sum(p.numel() for p in g.small.parameters()),
         full_params=sum(p.numel() for p in g.full.parameters()),
         file_bytes=path.stat().st_size,
         flops=count_flops(g.small, g.input_shape), full_flops=count_flops(g.full, g.input_shape),
-        latency_ms=round(latency, 4), latency_runtime=runtime, threads=threads,
+        latency_ms=round(first, 4), latency_runtime=runtime,
+        latency_by_runtime={k: round(v, 4) for k, v in latency.items()}, threads=threads,
         test_examples=len(x_test), equal_predictions=equal,
         max_abs_logit_diff=float(np.abs(got - want).max()) if len(got) else 0.0,
+        accuracy=round(accuracy, 6),
     )
-    (path.parent / (path.name + ".json")).write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    report_path = path.parent / (path.name + ".json")
+    report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if equal != len(x_test):
         raise ExportMismatch(f"the exported model predicts {len(x_test) - equal} of {len(x_test)} "
-                          f"test examples differently from the global model (max logit "
-                          f"difference {report.max_abs_logit_diff:.3g}); {path} is not usable")
+                             f"test examples differently from the global model (max logit "
+                             f"difference {report.max_abs_logit_diff:.3g}); {path} is not usable")
+    if quantize == "int8":
+        report = replace(report, int8=_int8(path, x_test, y_test, got, accuracy, threads, runs,
+                                            _calibration_slice(len(x_test), calibration,
+                                                               g.cfg.seed)))
+        report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     return report
+
+
+def _int8(path: Path, x_test: np.ndarray, y_test: np.ndarray, float_logits: np.ndarray,
+          float_accuracy: float, threads: int, runs: int, calib: np.ndarray) -> Int8Report:
+    """Quantise the checked float file, then measure the int8 one as the float one was."""
+    q_path = path.with_name(path.name.removesuffix(".onnx") + ".int8.onnx")
+    try:
+        settings = quantize_int8(path, q_path, x_test[calib])
+    except QuantizeError as e:
+        raise ExportError(str(e)) from None
+    predict = _ort_predict(session(q_path, threads))
+    got = _predict_all(predict, x_test)
+    acc = float((got.argmax(1) == y_test).mean()) if len(y_test) else 0.0
+    return Int8Report(
+        path=q_path, file_bytes=q_path.stat().st_size,
+        latency_ms=round(_latency_ms(predict, x_test[:1], runs), 4),
+        accuracy=round(acc, 6), float_accuracy=round(float_accuracy, 6),
+        accuracy_drop=round(float_accuracy - acc, 6),
+        equal_to_float=int((got.argmax(1) == float_logits.argmax(1)).sum()),
+        settings=settings,
+    )

@@ -79,17 +79,25 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
 
     strategy = build_strategy(cfg, model.state_dict(), fd.input_shape, fd.num_classes)
     t_discover = time.perf_counter()  # one query per node: seconds at 1000 simulated nodes
-    strategy.set_population(discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout))
+    members = discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout)
+    strategy.set_population(members.order)
     discovery_seconds = time.perf_counter() - t_discover
-    # a node that crashed must not leave Flower's sampler waiting forever (deployment)
+    # a node that crashed must not leave Flower's sampler waiting forever, and a message
+    # must not outlive its round (deployment)
     grid = NodeGuard(grid, cfg.strategy.min_train_clients, cfg.strategy.round_timeout)
+
+    def rejoin(server_round: int) -> None:  # a node back under a new id (no node auth)
+        if members.refresh(grid, cfg.strategy.round_timeout):
+            strategy.set_population(members.order)
+
     train_config = ConfigRecord({contract.MARGIN_LAMBDA: cfg.objective.margin_lambda})
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
                        train_config, evaluate_fn, recorder, cfg.strategy.round_timeout,
                        decompose_every=cfg.diagnostics.decomposition_every,
                        resume_from=resume_from, config_json=config_json,
                        stopping=lambda: (stop is not None and stop.is_set())
-                       or (recorder.dir / STOPPING).exists())
+                       or (recorder.dir / STOPPING).exists(),
+                       on_round_start=rejoin, partition_of=members.partition_id)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     structure = strategy.structure_json()
     if structure is not None:

@@ -6,7 +6,8 @@ online: in a deployment, a node that crashed (and that the SuperLink has since
 marked offline) would hang the ServerApp. :class:`NodeGuard` wraps the Grid
 after discovery and raises :class:`~server.population.FederationError` with a
 clear message once fewer than ``min_nodes`` nodes have been connected for
-longer than ``timeout`` seconds. Everything else is passed through.
+longer than ``timeout`` seconds, and gives every message it sends the round's
+timeout as its time to live. Everything else is passed through.
 """
 
 from __future__ import annotations
@@ -73,6 +74,14 @@ class NodeGuard(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
+        """Flower's, with each message's TTL set to ``timeout``: a message lives as long
+        as the server waits for its reply, so a node that stalls, or restarts with
+        the same id, does not work through rounds that are already over (the
+        SuperLink no longer delivers an expired message)."""
+        if timeout is not None:
+            messages = list(messages)
+            for m in messages:
+                m.metadata.ttl = float(timeout)
         return self.grid.send_and_receive(messages, timeout=timeout)
 
     def __getattr__(self, name: str) -> Any:  # anything a Grid subclass adds

@@ -1,9 +1,21 @@
-"""Discover the federation: which nodes are connected and which partition each holds."""
+"""Discover the federation: which nodes are connected and which partition each holds;
+keep that map current when a node comes back under a new node id.
+
+Flower 1.42 (checked in its SuperLink): a SuperNode that authenticates with a
+registered key gets the node id its key was registered under, on every start;
+a node restarted with the same key therefore keeps its id. Without node
+authentication (``--insecure``, or a SuperLink without ``--enable-supernode-auth``)
+each start self-registers a fresh key pair and gets a new id. :class:`Membership`
+handles the second case: a new id that answers with the partition id of a node
+that is no longer connected takes that node's place in the population order, so
+seeded sampling picks the same partitions as before.
+"""
 
 from __future__ import annotations
 
 import time
-from logging import INFO
+from collections.abc import Iterable, Mapping
+from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -16,9 +28,68 @@ class FederationError(RuntimeError):
     """The federation cannot run the experiment (too few nodes, no replies)."""
 
 
-def discover(grid: Grid, expected: int, timeout: float, stall: float = 30.0) -> list[int]:
-    """Wait for ``expected`` nodes, ask each its partition id, return node ids in
-    partition-id order (ties broken by node id).
+def query_partitions(grid: Grid, node_ids: Iterable[int], timeout: float) -> dict[int, int]:
+    """Ask each node its partition id: ``{node id: partition id}`` of those that answered."""
+    msgs = [Message(RecordDict({contract.CONFIG: ConfigRecord({})}), dst_node_id=nid,
+                    message_type=MessageType.QUERY) for nid in node_ids]
+    out: dict[int, int] = {}
+    for r in grid.send_and_receive(msgs, timeout=timeout):
+        if r.has_error():
+            log(INFO, "node %d did not answer the discovery query: %s",
+                r.metadata.src_node_id, r.error.reason)
+            continue
+        out[r.metadata.src_node_id] = int(r.content[contract.METRICS][contract.PARTITION_ID])
+    return out
+
+
+class Membership:
+    """The federation's nodes: node id -> partition id, and the population order
+    (node ids sorted by partition id, ties by node id) that seeded sampling uses."""
+
+    def __init__(self, partition_of: Mapping[int, int]):
+        self.partition_of = dict(partition_of)
+
+    @property
+    def order(self) -> list[int]:
+        return [nid for nid, _ in sorted(self.partition_of.items(), key=lambda t: (t[1], t[0]))]
+
+    def partition_id(self, node_id: int) -> int | None:
+        return self.partition_of.get(node_id)
+
+    def refresh(self, grid: Grid, timeout: float) -> dict[int, int]:
+        """Map connected node ids that are not members yet (a node that came back with
+        a new id) to the member that held their partition; return ``{old id: new id}``.
+
+        Only a member that is no longer connected is replaced; a new id whose
+        partition is unknown, or whose old node is still connected, is left out
+        (logged). Costs one ``get_node_ids`` call when nothing changed.
+        """
+        connected = set(grid.get_node_ids())
+        new = sorted(connected - set(self.partition_of))
+        if not new:
+            return {}
+        replaced: dict[int, int] = {}
+        by_partition = {pid: nid for nid, pid in self.partition_of.items()}
+        for nid, pid in sorted(query_partitions(grid, new, timeout).items()):
+            old = by_partition.get(pid)
+            if old is None:
+                log(WARNING, "node %d (partition %d) joined after discovery; not in the "
+                    "population (partition.num_clients fixes it at the start)", nid, pid)
+            elif old in connected:
+                log(WARNING, "node %d claims partition %d, which node %d still holds; ignored",
+                    nid, pid, old)
+            else:
+                del self.partition_of[old]
+                self.partition_of[nid] = pid
+                by_partition[pid] = nid
+                replaced[old] = nid
+                log(INFO, "partition %d came back as node %d (was node %d)", pid, nid, old)
+        return replaced
+
+
+def discover(grid: Grid, expected: int, timeout: float, stall: float = 30.0) -> Membership:
+    """Wait for ``expected`` nodes, ask each its partition id, return the membership
+    (:attr:`Membership.order`: node ids in partition-id order, ties broken by node id).
 
     Gives up after ``timeout`` seconds, or after ``stall`` seconds without a new
     node (a simulation registers all its SuperNodes at once).
@@ -37,19 +108,9 @@ def discover(grid: Grid, expected: int, timeout: float, stall: float = 30.0) -> 
                 f'"num-supernodes={expected}" to flwr run (bonsai run does this)'
             )
         time.sleep(0.5)
-    msgs = [Message(RecordDict({contract.CONFIG: ConfigRecord({})}), dst_node_id=nid,
-                    message_type=MessageType.QUERY) for nid in nodes]
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
-    ranked: list[tuple[int, int]] = []
-    for r in replies:
-        if r.has_error():
-            log(INFO, "node %d did not answer the discovery query: %s",
-                r.metadata.src_node_id, r.error.reason)
-            continue
-        pid = int(r.content[contract.METRICS][contract.PARTITION_ID])
-        ranked.append((pid, r.metadata.src_node_id))
-    if not ranked:
+    members = Membership(query_partitions(grid, nodes, timeout))
+    if not members.partition_of:
         raise FederationError("no node answered the discovery query")
-    ranked.sort()
-    log(INFO, "discovered %d nodes (partitions %d..%d)", len(ranked), ranked[0][0], ranked[-1][0])
-    return [nid for _, nid in ranked]
+    pids = sorted(members.partition_of.values())
+    log(INFO, "discovered %d nodes (partitions %d..%d)", len(pids), pids[0], pids[-1])
+    return members

@@ -46,6 +46,12 @@ def _bytes(messages: Iterable[Message]) -> int:
     return total
 
 
+def _partitions(partition_of: Callable[[int], int | None], node_ids: Iterable[int]
+                ) -> list[int]:
+    """Sorted partition ids of ``node_ids`` (-1 for a node the server cannot place)."""
+    return sorted(-1 if (p := partition_of(n)) is None else p for n in node_ids)
+
+
 def run_rounds(
     grid: Grid,
     strategy: BonsaiStrategy,
@@ -59,9 +65,17 @@ def run_rounds(
     resume_from: Checkpoint | None = None,
     config_json: str = "",
     stopping: Callable[[], bool] = lambda: False,
+    on_round_start: Callable[[int], None] | None = None,
+    partition_of: Callable[[int], int | None] | None = None,
 ) -> ArrayRecord:
     """Run rounds up to ``num_rounds`` and record and checkpoint each; return the final
     global arrays. With ``resume_from``, continue after its round with its state.
+
+    ``on_round_start(round)`` runs before each round is configured (the server
+    maps nodes that came back under a new id there). With ``partition_of`` (node id
+    -> partition id), each record names its ``participants`` (the partition ids of
+    the clients that replied without error: the replies handed to aggregation)
+    and the ``failed`` ones (sent a message, no reply or an error), sorted.
 
     ``stopping()`` turns true when the process is being shut down. A round that
     is still open then is neither recorded nor checkpointed (RunStopped is
@@ -93,6 +107,8 @@ def run_rounds(
         if stopping():
             raise RunStopped(f"stopped before round {rnd}")
         t = time.perf_counter()
+        if on_round_start is not None:
+            on_round_start(rnd)
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         down = _bytes(msgs)
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
@@ -126,6 +142,11 @@ def run_rounds(
             "train_flops": flops, "cum_flops": cum_flops,
             "clients": len(ok), "failures": failures,
         }
+        if partition_of is not None:
+            replied = {r.metadata.src_node_id for r in ok}
+            record["participants"] = _partitions(partition_of, replied)
+            record["failed"] = _partitions(
+                partition_of, {m.metadata.dst_node_id for m in msgs} - replied)
         if train_metrics is not None and contract.TRAIN_LOSS in train_metrics:
             record["train_loss"] = float(train_metrics[contract.TRAIN_LOSS])
         if fed_eval is not None and contract.EVAL_ACCURACY in fed_eval:

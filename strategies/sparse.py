@@ -138,7 +138,9 @@ class SparseStrategy(Population):
         self.masks: dict[str, torch.Tensor] = {}
         self.weight_masks: dict[str, torch.Tensor] = {}
         self.mask_version = 0
-        self.node_version: dict[int, int] = {}  # mask version each node holds
+        #: mask version each node holds: set from a valid reply, dropped on a failed one
+        self.node_version: dict[int, int] = {}
+        self._sent: dict[int, int] = {}  # this round's nodes -> mask version sent
         self.view = self._make_view()
 
     # --- the view the clients train ---------------------------------------------------
@@ -212,7 +214,9 @@ class SparseStrategy(Population):
         for n in nodes:
             fresh = self.node_version.get(n) != self.mask_version
             msgs.append(Message(records[fresh], dst_node_id=n, message_type=MessageType.TRAIN))
-            self.node_version[n] = self.mask_version
+        # a node holds this version once it has replied with an update against it: one
+        # that stalled, crashed or restarted gets the mask again (aggregate_train)
+        self._sent = {n: self.mask_version for n in nodes}
         return msgs
 
     def decode(self, reply: Message, shapes: Mapping[str, tuple[int, ...]],
@@ -248,6 +252,8 @@ class SparseStrategy(Population):
                 log(WARNING, "round %d: reply from node %d rejected: %s", server_round,
                     r.metadata.src_node_id, reason)
                 continue
+            self.node_version[r.metadata.src_node_id] = self._sent.get(r.metadata.src_node_id,
+                                                                       self.mask_version)
             full = (expand_state(upd, self.groups, self.structure, self.theta)
                     if self.groups else upd)
             updates.append(full)
@@ -255,6 +261,9 @@ class SparseStrategy(Population):
             metrics = r.content[contract.METRICS]
             counts.append(int(metrics[contract.NUM_EXAMPLES]))
             losses.append(float(metrics.get(contract.TRAIN_LOSS, float("nan"))))
+        for n in set(self._sent) - set(nodes):  # no valid reply: what it holds is unknown
+            self.node_version.pop(n, None)
+        self._sent = {}
         if len(updates) < self.min_train_nodes:
             log(WARNING, "round %d: %d valid replies, fewer than strategy.min_train_clients=%d; "
                 "the global model is unchanged", server_round, len(updates),

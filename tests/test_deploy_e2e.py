@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -147,3 +148,87 @@ def test_ctrl_c_stops_every_process(setup, tmp_path):
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 130 and "interrupted" in err
     assert not (left := wait_gone(mark)), left
+
+
+REJOIN = ["strategy.name=autoflip", "model=cnn", "rounds=6", "partition.kind=iid",
+          "partition.num_clients=3", "train.local_epochs=3", "strategy.min_train_clients=1",
+          "pruning.mask_every=1", "pruning.schedule_rounds=4"]
+
+
+def test_paused_and_restarted_nodes_rejoin_and_train(setup, tmp_path):
+    """3 nodes, AutoFLIP with a new mask every round. After round 1, node-1 is paused
+    (SIGSTOP) past the round timeout and resumed (SIGCONT); node-2 is killed (SIGKILL)
+    and restarted with the same key and data. Both train again in later rounds (with
+    the current mask: no reply rejected), node-2 under its old node id (Flower reuses
+    an authenticated key's id), and the final accuracy is within 1 point of the same
+    experiment undisturbed: a simulation with the same seed, which is the same run as a
+    deployment while every node replies (rounds 0 and 1: the same accuracy, the loss to
+    float rounding)."""
+    exp, _ = setup
+    timeout = 25.0  # an undisturbed round here takes 10-20 s (3 nodes, 2 shared cores)
+    cfg = load(exp, [*REJOIN, f"strategy.round_timeout={timeout}", f"output_dir={tmp_path}/r"])
+    write_split(cfg, tmp_path / "data")
+    nodes = plan_local(cfg, tmp_path / "data", 3, device="cpu", threads=1)
+    seen: dict[str, object] = {}
+
+    def restart(fed):
+        seen["restarted_id"] = fed.restart_node("node-2")
+        seen["restarted_after"] = len(read_rounds(seen["run_dir"])) - 1
+
+    def on_poll(fed, run_dir):
+        seen["marker"], seen["run_dir"] = fed.marker, run_dir
+        done = len(read_rounds(run_dir)) - 1  # rounds recorded after round 0
+        if "paused" not in seen and done >= 1:
+            seen["ids"] = {n.name: n.node_id for n in fed.nodes}
+            fed.pause_node("node-1")
+            seen["paused"] = time.monotonic()
+            fed.kill_node("node-2")
+            seen["thread"] = threading.Thread(target=restart, args=(fed,), daemon=True)
+            seen["thread"].start()
+        elif ("paused" in seen and "resumed_after" not in seen and done >= 2
+              and time.monotonic() - seen["paused"] > timeout):
+            fed.resume_node("node-1")
+            seen["resumed_after"] = done
+
+    summary = run_local(cfg, nodes, live=False, on_poll=on_poll)
+    seen["thread"].join(timeout=30)
+    assert not (left := wait_gone(lambda: marked(str(seen["marker"])))), left
+    run_dir = Path(summary["run_dir"])
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == list(range(7))
+    assert rounds[2]["participants"] == [0] and rounds[2]["failed"] == [1, 2]
+    assert rounds[2]["seconds"] > timeout - 1  # waited for the two, not past the timeout
+    back1 = [r["round"] for r in rounds[1:] if 1 in r["participants"]]
+    back2 = [r["round"] for r in rounds[1:] if 2 in r["participants"]]
+    assert [r for r in back1 if r > seen["resumed_after"]], rounds
+    assert [r for r in back2 if r > seen["restarted_after"]], rounds
+    assert rounds[-1]["participants"] == [0, 1, 2] and rounds[-1]["failed"] == []
+    # node-2 came back under its old id; it trained again (its own log says so)
+    assert seen["restarted_id"] == seen["ids"]["node-2"] == summary["nodes"]["node-2"]
+    trained = [json.loads(s)["round"] for s in
+               (run_dir / "nodes" / "node-2.jsonl").read_text().splitlines()]
+    assert max(trained) == 6 and 2 not in trained
+    # every reply that came decoded against the mask it was sent; the only ones rejected
+    # are the SuperLink's "Node Unavailable" answers for node-2 while it was down
+    log = (run_dir / "flower.log").read_text()
+    rejected = [line for line in log.splitlines() if "rejected" in line]
+    assert all("client error" in line and "Node Unavailable" in line for line in rejected), \
+        rejected
+    assert rounds[-1]["mask_version"] == 6
+
+    # the same experiment undisturbed: a simulation with the same seed
+    mark = uuid.uuid4().hex
+    proc = bonsai(["run", str(exp), "--quiet", *[a for o in REJOIN for a in ("--set", o)],
+                   "--set", f"strategy.round_timeout={timeout}", "--set",
+                   f"output_dir={tmp_path}/sim"], mark)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert not (left := wait_gone(mark)), left
+    (sim_dir,) = (tmp_path / "sim").iterdir()
+    sim = read_rounds(sim_dir)
+    if rounds[1]["participants"] == [0, 1, 2]:  # before the disturbance: the same run
+        assert [r["accuracy"] for r in rounds[:2]] == [r["accuracy"] for r in sim[:2]]
+        assert [r["loss"] for r in rounds[:2]] == pytest.approx([r["loss"] for r in sim[:2]],
+                                                                rel=1e-5)  # float rounding
+    assert abs(rounds[-1]["accuracy"] - sim[-1]["accuracy"]) <= 0.01, (
+        [r["accuracy"] for r in rounds], [r["accuracy"] for r in sim])

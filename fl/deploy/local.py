@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +55,9 @@ __all__ = ["LocalFederation", "LocalNode", "existing_keys", "node_sources", "pla
            "run_local"]
 
 CONNECTION = "bonsai-local"
+#: Flower 1.42: a session counts as online for 2 x 30 s after its last heartbeat
+RELEASE_SECONDS = 60.0
+RESTART_RETRY_SECONDS = 3.0
 
 
 @dataclass
@@ -136,6 +141,9 @@ class LocalFederation(ProcessContext):
                                log=self.log_dir / WATCHDOG_LOG)
         self.address = f"127.0.0.1:{self.port}"
         self.keys: KeySet | None = None
+        self._paused: set[str] = set()
+        self._lock = threading.Lock()  # restart_node (a thread, maybe) against close
+        self._closing = False
 
     # --- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -210,12 +218,76 @@ class LocalFederation(ProcessContext):
 
     def kill_node(self, name: str) -> None:
         """Crash one SuperNode (SIGKILL, with its ClientApp processes)."""
+        self._paused.discard(name)
         self.procs.kill(name)
+
+    def pause_node(self, name: str) -> None:
+        """Stall one SuperNode: SIGSTOP to its process group (the SuperNode and the
+        ClientApp it may be running), as a device that freezes or loses power to its
+        CPU; no heartbeat, no polling, no reply until :meth:`resume_node`."""
+        self._node(name)
+        os.killpg(self.procs.procs[name].pid, signal.SIGSTOP)
+        self._paused.add(name)
+
+    def resume_node(self, name: str) -> None:
+        """SIGCONT to a node :meth:`pause_node` stopped: it goes on where it stood."""
+        self._node(name)
+        os.killpg(self.procs.procs[name].pid, signal.SIGCONT)
+        self._paused.discard(name)
+
+    def restart_node(self, name: str, timeout: float | None = None) -> int | None:
+        """Start a SuperNode again after it died (:meth:`kill_node`, a crash): the same
+        key, data and node config, a fresh local API port. Returns its node id once it
+        connected (None when the SuperLink refused it).
+
+        Flower 1.42 activates an authenticated node under the id its key was
+        registered with, so the node comes back with its old id; but the SuperLink
+        refuses to activate an id whose last session still counts as online, until
+        that session's heartbeat lapses (two 30 s heartbeat intervals after the last
+        one): the SuperNode then exits with code 305, "Failed to activate SuperNode",
+        as an unregistered one does. Until then the start is retried every few
+        seconds, within ``timeout`` (default: the startup timeout plus those 60 s).
+        """
+        node = self._node(name)
+        old = self.procs.procs[name]
+        if old.poll() is None:
+            raise DeployError(f"{name} is still running (pid {old.pid}); it restarts after "
+                              "it died")
+        log = self.log_dir / "nodes" / f"{name}.log"
+        deadline = time.monotonic() + (timeout or self.startup_timeout + RELEASE_SECONDS)
+        while True:
+            since = log.stat().st_size if log.exists() else 0
+            with self._lock:
+                if self._closing:
+                    raise DeployError(f"{name}: the federation is closing; not restarted")
+                self._start_node(node)
+                proc = self.procs.procs[name]
+            node.node_id = wait_node(proc, log, max(1.0, deadline - time.monotonic()),
+                                     since=since)
+            if node.node_id is not None or time.monotonic() >= deadline:
+                node.refused = node.node_id is None
+                return node.node_id
+            proc.wait(timeout=10)  # refused: the old session is still online
+            time.sleep(RESTART_RETRY_SECONDS)
+
+    def _node(self, name: str) -> LocalNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise DeployError(f"no node named {name!r} in this federation "
+                          f"({', '.join(n.name for n in self.nodes)})")
 
     def close(self, grace: float = 5.0) -> None:
         """End every process by PID (flwr run, nodes, SuperLink; SIGKILL after ``grace``
-        s), then remove the temp dir (:meth:`Processes.close`). A second call does
-        nothing."""
+        s), then remove the temp dir (:meth:`Processes.close`). Paused nodes are
+        resumed first, so that they can end on SIGTERM. A second call does nothing."""
+        with self._lock:  # no restart_node starts a process after this
+            self._closing = True
+        for name in list(self._paused):
+            try:
+                self.resume_node(name)
+            except ProcessLookupError:
+                self._paused.discard(name)
         self.procs.close(grace)
 
 

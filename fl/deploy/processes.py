@@ -206,15 +206,17 @@ def wait_superlink(proc: subprocess.Popen, address: str, ca_cert: str | None, lo
     raise DeployError(f"flower-superlink did not answer {url} within {timeout:.0f} s; see {log}")
 
 
-def wait_node(proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> int | None:
+def wait_node(proc: subprocess.Popen, log: Path, timeout: float = 60.0,
+              since: int = 0) -> int | None:
     """Wait until a SuperNode reports its node id (connected); return it.
 
+    Reads ``log`` from byte ``since`` on (a restarted node appends to its old log).
     Returns None when the node exited with :data:`REFUSED_EXIT_CODE` (the
     SuperLink refused it); raises DeployError on any other exit or a timeout.
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
+        text = (log.read_bytes()[since:].decode(errors="replace") if log.exists() else "")
         for line in text.splitlines():
             if "SuperNode ID:" in line:
                 return int(line.rsplit(":", 1)[1].strip())
