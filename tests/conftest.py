@@ -40,3 +40,20 @@ def on_test_device():
         return
     with torch.device(TEST_DEVICE):
         yield
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """A `bonsai deploy keys` folder: CA, a SuperLink certificate for two extra hosts, two
+    node keys."""
+    from fl.deploy import make_keys
+
+    return make_keys(tmp_path_factory.mktemp("keys"), ["10.1.2.3", "link.example.org"], 2)
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory):
+    """A second, unrelated keys folder (its CA signed nothing of ``keys``)."""
+    from fl.deploy import make_keys
+
+    return make_keys(tmp_path_factory.mktemp("other"), [], 1)

@@ -11,34 +11,10 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
+from datafiles import write_npz
 from processes import leftovers
 
-from fl.config import load
-from fl.deploy import (
-    make_keys,
-)
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"), ["10.1.2.3", "link.example.org"], 2)
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("other"), [], 1)
-
-
-def _digits_cfg(*extra: str):
-    return load(None, ["dataset.name=digits", "model=cnn", "partition.num_clients=2", *extra])
-
-
-def _npz(path: Path, x: np.ndarray, y: np.ndarray, **extra) -> Path:
-    np.savez(path, x=x, y=y, **extra)
-    return path
 
 
 # --- CLI bad input: one line, exit 2, nothing running ------------------------------------------
@@ -71,8 +47,8 @@ def _inproc(capsys, *args: str) -> tuple[subprocess.CompletedProcess, str]:
 
 
 def test_cli_bad_inputs(keys, other_keys, tmp_path, capsys):
-    good = _npz(tmp_path / "good.npz", np.zeros((3, 1, 8, 8), np.float32), np.array([0, 1, 2]))
-    wrong = _npz(tmp_path / "wrong.npz", np.zeros((3, 64), np.float32), np.array([0, 1, 2]))
+    good = write_npz(tmp_path / "good.npz", np.zeros((3, 1, 8, 8), np.float32), np.array([0, 1, 2]))
+    wrong = write_npz(tmp_path / "wrong.npz", np.zeros((3, 64), np.float32), np.array([0, 1, 2]))
     node = ["--superlink", "127.0.0.1:9", "--keys", str(keys.dir), "--name", "node-0"]
 
     def check(needle: str, *args: str) -> None:
@@ -109,7 +85,7 @@ def _two_nodes(tmp_path: Path, name: str, shape: tuple[int, ...]) -> Path:
     d = tmp_path / name
     d.mkdir(exist_ok=True)
     for i in range(2):
-        _npz(d / f"n{i}.npz", np.zeros((3, *shape), np.float32), np.array([0, 1, 2]))
+        write_npz(d / f"n{i}.npz", np.zeros((3, *shape), np.float32), np.array([0, 1, 2]))
     return d
 
 
@@ -117,7 +93,7 @@ def test_cli_keys_and_dry_run(tmp_path):
     out, _ = _bonsai("keys", "--out", str(tmp_path / "k"), "--nodes", "2", "--host", "10.0.0.9")
     assert out.returncode == 0, out.stderr
     assert "10.0.0.9" in out.stdout and (tmp_path / "k" / "nodes" / "node-1.pub").is_file()
-    data = _npz(tmp_path / "d.npz", np.zeros((3, 1, 8, 8), np.float32), np.array([0, 1, 2]))
+    data = write_npz(tmp_path / "d.npz", np.zeros((3, 1, 8, 8), np.float32), np.array([0, 1, 2]))
     out, _ = _bonsai("supernode", "--superlink", "10.0.0.9:9092", "--keys", str(tmp_path / "k"),
                      "--name", "node-1", "--data", str(data), "--threads", "1", "--device",
                      "cpu", "--experiment", "simulations/quickstart.yaml", "--dry-run")

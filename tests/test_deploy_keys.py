@@ -147,16 +147,6 @@ def test_a_file_created_between_the_check_and_the_write_is_not_replaced(tmp_path
     assert os.path.isfile(out / "ca.key")
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"), ["10.1.2.3", "link.example.org"], 2)
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("other"), [], 1)
-
-
 # --- keys ------------------------------------------------------------------------------
 def test_keys_files_chain_and_flowers_own_loaders(keys):
     ca = x509.load_pem_x509_certificate(keys.ca_cert.read_bytes())

@@ -15,23 +15,12 @@ from fl.deploy import (
     SuperNodeSpec,
     check_port_free,
     connection_toml,
-    make_keys,
     node_config_string,
     superlink_command,
     supernode_command,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"), ["10.1.2.3", "link.example.org"], 2)
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("other"), [], 1)
 
 
 # --- command lines ------------------------------------------------------------------------

@@ -5,22 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fl.config import load
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _digits_cfg(*extra: str):
-    return load(None, ["dataset.name=digits", "model=cnn", "partition.num_clients=2", *extra])
-
-
-def _npz(path: Path, x: np.ndarray, y: np.ndarray, **extra) -> Path:
-    np.savez(path, x=x, y=y, **extra)
-    return path
 
 
 # --- a crashed node cannot hang the server -----------------------------------------------------
