@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 from processes import bonsai, wait_gone
 
 import fl.config as c
@@ -364,6 +363,18 @@ def test_tensorboard_scalars_hparams_and_summary_match_the_records(tmp_path):
     assert hp["rounds"] == 30 and not any(k.startswith("tracking.") for k in hp)
 
 
+def test_a_run_started_again_in_its_folder_replaces_its_tensorboard_rounds(tmp_path):
+    """A run stopped before round 1 ended starts again in its folder (no checkpoint):
+    TensorBoard shows the new attempt's rounds only."""
+    cfg = config_for(tmp_path, "tracking.tensorboard=true")
+    first, again = fake_records(2, seed=3), fake_records(2, seed=4)
+    run_fake(cfg, first[:2], finish=False)
+    (Path(cfg.run_dir) / "rounds.jsonl").unlink()  # what fl.simulation does before it
+    run_fake(cfg, again)
+    assert tb_scalars(Path(cfg.run_dir) / "tensorboard")["accuracy"] == pytest.approx(
+        {r["round"]: r["accuracy"] for r in again}, rel=F32)
+
+
 def test_tensorboard_dir_holds_a_folder_per_run_and_per_study(tmp_path):
     cfg = config_for(tmp_path, "tracking.tensorboard=true",
                      f"tracking.tensorboard_dir={tmp_path / 'tb'}", "tracking.group=study1",
@@ -470,6 +481,50 @@ def test_resume_continues_the_same_tracker_runs(tmp_path):
     assert wandb_history(log2)[4]["accuracy"] == pytest.approx(redo[4]["accuracy"], rel=1e-12)
 
 
+def test_a_sweep_logs_each_cell_as_its_own_mlflow_run_tagged_with_its_choices(tmp_path):
+    """fl.sweep runs the cells; each cell's runner plays the ServerApp's part for the
+    trackers (server/app.py: the recorder with the trackers, the records, the summary)."""
+    from rich.console import Console
+
+    from fl.sweep import run_study
+
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    study = parse_study({"name": "trk-study", "output_dir": str(tmp_path / "out"),
+                         "base": {"rounds": 3, "tracking": {"mlflow_uri": uri,
+                                                             "tensorboard": True}},
+                         "grid": {"strategy": {"fedavg": {"strategy.name": "fedavg"},
+                                               "fedprox": {"strategy.name": "fedprox"}},
+                                  "seed": [0]}})
+    cells = expand(study)
+    configs, bad = validate_cells(cells)
+    assert not bad
+    seeds = {"strategy=fedavg,seed=0": 1, "strategy=fedprox,seed=0": 2}
+
+    def runner(cfg, console, live=False):
+        Path(cfg.run_dir).mkdir(parents=True)
+        run_fake(cfg, fake_records(3, seed=seeds[cfg.tracking.cell]))
+        return json.loads((Path(cfg.run_dir) / "summary.json").read_text())
+
+    res = run_study(study, cells, configs, runner, Console(quiet=True), live=False)
+    assert res.ran == list(seeds) and not res.failed
+    runs = mlflow_runs(uri, "trk-study")  # one experiment: the study's name
+    assert sorted(r.info.run_name for r in runs) == sorted(seeds)
+    for run in runs:
+        cell = run.info.run_name
+        choice = dict(cell_choices(cell))["strategy"]
+        assert run.data.tags["bonsai.group"] == "trk-study" and run.data.tags["bonsai.cell"] == cell
+        assert run.data.tags["cell.strategy"] == choice and run.data.tags["cell.seed"] == "0"
+        assert run.data.params["strategy.name"] == choice
+        rounds = read_rounds(configs[cell].run_dir)
+        assert rounds == fake_records(3, seed=seeds[cell])
+        assert mlflow_history(uri, run.info.run_id, "accuracy") == [
+            (r["round"], r["accuracy"]) for r in rounds]
+    # TensorBoard: one folder per cell under the study, the choices as hyper-parameters
+    for cell, cfg in configs.items():
+        hp = tb_hparams(Path(cfg.run_dir) / "tensorboard")
+        assert hp["cell.strategy"] == dict(cell_choices(cell))["strategy"]
+
+
 # --- real Flower runs through the command line ----------------------------------------------
 SMALL = ["--set", "rounds=2", "--set", "partition.num_clients=3",
          "--set", "strategy.min_train_clients=3", "--set", "train.local_epochs=1"]
@@ -521,30 +576,52 @@ def test_bonsai_run_logs_to_tensorboard_wandb_and_mlflow(tmp_path):
             {k: float(r[k]) for k in numeric if k in r}, rel=1e-12)
 
 
+DEPLOY_EXPERIMENT = """\
+# bonsai deploy local THIS_FILE --nodes 2 --data DIR
+name: deploy-trk
+rounds: 1
+model: mlp
+partition:
+  kind: iid
+  num_clients: 2
+train:
+  local_epochs: 1
+  batch_size: 32
+strategy:
+  name: fedavg
+  min_train_clients: 2
+  round_timeout: 60
+tracking:
+  tensorboard: true
+"""
+
+
 @pytest.mark.slow
-def test_a_sweep_logs_each_cell_as_its_own_mlflow_run_tagged_with_its_choices(tmp_path):
+def test_deploy_local_logs_from_the_serverapp_the_same_way(tmp_path):
+    """The deployment runtime's ServerApp (its own process, started by the SuperLink)
+    writes to the trackers as the simulation's does."""
+    from fl.deploy.split import write_split
+
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(DEPLOY_EXPERIMENT)
+    write_split(c.load(exp), tmp_path / "data")
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    study = {"name": "trk-study", "output_dir": str(tmp_path / "out"),
-             "base": {"rounds": 2, "partition": {"num_clients": 2, "kind": "iid"},
-                      "strategy": {"min_train_clients": 2}, "train": {"local_epochs": 1},
-                      "tracking": {"mlflow_uri": uri}},
-             "grid": {"strategy": {"fedavg": {"strategy.name": "fedavg"},
-                                   "fedprox": {"strategy.name": "fedprox"}}}}
-    path = tmp_path / "study.yaml"
-    path.write_text(f"# bonsai sweep {path}\n" + yaml.safe_dump(study, sort_keys=False))
     mark = uuid.uuid4().hex
-    proc = bonsai(["sweep", str(path), "--quiet"], mark)
-    out, err = proc.communicate(timeout=600)
+    proc = bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(tmp_path / "data"),
+                   "--insecure", "--quiet", "--threads", "1", "--device", "cpu",
+                   "--set", f"output_dir={tmp_path / 'out'}",
+                   "--set", f"tracking.mlflow_uri={uri}"], mark)
+    out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert not (left := wait_gone(mark)), left
-    runs = mlflow_runs(uri, "trk-study")  # one experiment: the study
-    assert sorted(r.info.run_name for r in runs) == ["strategy=fedavg", "strategy=fedprox"]
-    for run in runs:
-        choice = run.data.tags["cell.strategy"]
-        assert run.info.run_name == f"strategy={choice}"
-        assert run.data.tags["bonsai.group"] == "trk-study"
-        assert run.data.tags["bonsai.cell"] == f"strategy={choice}"
-        assert run.data.params["strategy.name"] == choice
-        rounds = read_rounds(tmp_path / "out" / "trk-study" / f"strategy={choice}")
-        assert mlflow_history(uri, run.info.run_id, "accuracy") == [
-            (r["round"], r["accuracy"]) for r in rounds]
+    (run_dir,) = (tmp_path / "out").iterdir()
+    rounds = read_rounds(run_dir)
+    assert [r["round"] for r in rounds] == [0, 1]
+    (run,) = mlflow_runs(uri, "deploy-trk")
+    assert run.info.status == "FINISHED"
+    for key in ("accuracy", "loss", "cum_bytes"):
+        assert mlflow_history(uri, run.info.run_id, key) == [
+            (r["round"], float(r[key])) for r in rounds], key
+    assert mlflow_artifacts(uri, run.info.run_id) == {"final_model.pt", "summary.json"}
+    assert tb_scalars(run_dir / "tensorboard")["accuracy"] == pytest.approx(
+        {r["round"]: r["accuracy"] for r in rounds}, rel=F32)

@@ -6,7 +6,8 @@ to the HParams dashboard (with a sweep cell's choices as ``cell.AXIS``) and, as 
 to the text dashboard; the summary is ``summary/KEY`` scalars and text. TensorBoard
 keeps no files, so the final model stays in the run folder beside the events.
 A resumed run appends a new event file with ``purge_step`` = the first round it
-redoes: TensorBoard then hides what the interrupted run logged from that round on.
+redoes: TensorBoard then hides what the interrupted run logged from that round on
+(a run started again in its folder purges from round 0).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class TensorBoardTracker:
         from torch.utils.tensorboard.summary import hparams
 
         self.dir = event_dir(self.folder, run)
-        purge = run.resume_round + 1 if run.resumed else None
+        purge = run.resume_round + 1 if run.resume_round is not None else 0
         self.writer = SummaryWriter(log_dir=str(self.dir), purge_step=purge)
         self.location = str(self.dir)
         if run.resumed:  # the hyper-parameters are in the first event file already
