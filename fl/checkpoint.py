@@ -133,4 +133,5 @@ def _comparable(config_json: str) -> dict[str, Any]:
         return {"unreadable": config_json}
     cfg.pop("resume", None)
     cfg.pop("run_dir", None)
+    cfg.pop("tracking", None)  # where a run is reported may change on resume (fl.config)
     return cfg

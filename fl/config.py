@@ -80,6 +80,12 @@ def _f(default: Any, *, choices: Iterable[Any] | None = None, lo: float | None =
     return field(default=default, metadata=meta)
 
 
+#: W&B's modes a run may use (``disabled`` is tracking.wandb_project left empty)
+WANDB_MODES = ("online", "offline")
+#: MLflow tracking-URI schemes a run may name (other databases: behind an MLflow server)
+MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "databricks")
+
+
 @dataclass
 class DatasetConfig:
     name: str = _f("digits", choices=("digits", "synthetic", "npz", "hf"),
@@ -172,6 +178,34 @@ class ResourcesConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment trackers the server logs to (fl/tracking): any combination, none by
+    default. Flat scalar keys, since Flower's run config carries only scalars."""
+
+    tensorboard: bool = _f(False, doc="write TensorBoard event files (pip extra: tensorboard)")
+    tensorboard_dir: str = _f("", doc="event-file folder, a subfolder per run (default: "
+                              "RUN_DIR/tensorboard)")
+    wandb_project: str = _f("", doc="Weights & Biases project; empty = off (pip extra: wandb)")
+    wandb_entity: str = _f("", doc="W&B team or user (empty: your default entity)")
+    wandb_mode: str = _f("online", choices=WANDB_MODES,
+                         doc="offline: the run stays on disk until `wandb sync`")
+    wandb_tags: str = _f("", doc="W&B tags, comma-separated")
+    mlflow_uri: str = _f("", doc="MLflow tracking URI, e.g. sqlite:///mlruns.db or "
+                         "http://host:5000; empty = off (pip extra: mlflow)")
+    mlflow_experiment: str = _f("", doc="MLflow experiment (default: name; a sweep: the "
+                                "study's name)")
+    group: str = _f("", doc="W&B group and MLflow tag of related runs (bonsai sweep: the "
+                    "study's name)")
+    cell: str = _f("", doc="set by bonsai sweep: the cell's choices, AXIS=CHOICE,...")
+
+    def enabled(self) -> tuple[str, ...]:
+        """The trackers this config turns on, in a fixed order."""
+        return tuple(name for name, on in (("tensorboard", self.tensorboard),
+                                           ("wandb", bool(self.wandb_project)),
+                                           ("mlflow", bool(self.mlflow_uri))) if on)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = _f("quickstart", path_component=True,
                    doc="results go to OUTPUT_DIR/NAME-TIMESTAMP: one folder name")
@@ -191,6 +225,7 @@ class ExperimentConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _leaves(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -262,13 +297,23 @@ def _check_range(key: str, value: Any, problems: list[str]) -> None:
 
 #: keys that say where a run is written, not what it computes: a resumed run may differ in them
 PLACE_KEYS = frozenset({"output_dir", "run_dir", "resume"})
+#: sections that say where a run is reported, not what it computes: they may differ too
+#: (a run resumed with a tracker turned on, a sweep cell finished before tracking was)
+PLACE_SECTIONS = frozenset({"tracking"})
+
+
+def is_place_key(key: str) -> bool:
+    """True for a flat key that does not change what a run computes (:data:`PLACE_KEYS`,
+    :data:`PLACE_SECTIONS`): resuming, and a study's finished cells, ignore it."""
+    return key in PLACE_KEYS or key.split(".", 1)[0] in PLACE_SECTIONS
 
 
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``key: old -> new`` for each flat key present in both with another value, the
-    :data:`PLACE_KEYS` aside (keys only one side knows are from another version)."""
+    place keys aside (:func:`is_place_key`; keys only one side knows are from another
+    version)."""
     return [f"{k}: {shown(old[k], 40)} -> {shown(new[k], 40)}" for k in new
-            if k in old and k not in PLACE_KEYS and old[k] != new[k]]
+            if k in old and not is_place_key(k) and old[k] != new[k]]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -309,8 +354,10 @@ def build(values: Mapping[str, Any]) -> ExperimentConfig:
         problems.append(f"... and {unknown - MAX_UNKNOWN_SHOWN} more unknown keys")
     if not problems:
         problems.extend(_cross_checks(cfg))
+        problems.extend(_tracking_checks(cfg.tracking))
     if problems:
         raise ConfigError(problems)
+    _resolve_tracking_paths(cfg.tracking)
     return cfg
 
 
@@ -379,6 +426,77 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
         p.append(f"partition.kind: got 'natural'; only dataset.name=synthetic has natural "
                  f"client ids (got {cfg.dataset.name!r})")
     return p
+
+
+#: characters a W&B project name must not hold (W&B refuses them)
+_WANDB_PROJECT_BAD = "/\\#?%:"
+#: W&B's longest tag and project name
+_WANDB_TAG_MAX, _WANDB_PROJECT_MAX = 64, 128
+
+
+def tag_list(tracking: TrackingConfig) -> list[str]:
+    """``tracking.wandb_tags`` as a list (comma-separated, blanks dropped)."""
+    return [t.strip() for t in tracking.wandb_tags.split(",") if t.strip()]
+
+
+def _tracking_checks(t: TrackingConfig) -> list[str]:
+    p: list[str] = []
+    if t.tensorboard_dir and not t.tensorboard:
+        p.append(f"tracking.tensorboard_dir: got {shown(t.tensorboard_dir)}; it needs "
+                 "tracking.tensorboard: true")
+    if not t.wandb_project:
+        for key, value, default in (("wandb_entity", t.wandb_entity, ""),
+                                    ("wandb_tags", t.wandb_tags, ""),
+                                    ("wandb_mode", t.wandb_mode, "online")):
+            if value != default:
+                p.append(f"tracking.{key}: got {shown(value)}; it needs "
+                         "tracking.wandb_project (W&B is off without a project)")
+    elif any(ch in t.wandb_project for ch in _WANDB_PROJECT_BAD) or \
+            len(t.wandb_project) > _WANDB_PROJECT_MAX:
+        p.append(f"tracking.wandb_project: got {shown(t.wandb_project)}; allowed: at most "
+                 f"{_WANDB_PROJECT_MAX} characters, none of {' '.join(_WANDB_PROJECT_BAD)}")
+    long_tags = [tag for tag in tag_list(t) if len(tag) > _WANDB_TAG_MAX]
+    if long_tags:
+        p.append(f"tracking.wandb_tags: tag {shown(long_tags[0])} is longer than "
+                 f"{_WANDB_TAG_MAX} characters (W&B's limit)")
+    if t.mlflow_experiment and not t.mlflow_uri:
+        p.append(f"tracking.mlflow_experiment: got {shown(t.mlflow_experiment)}; it needs "
+                 "tracking.mlflow_uri")
+    scheme = _uri_scheme(t.mlflow_uri)
+    if scheme and scheme not in MLFLOW_SCHEMES:
+        p.append(f"tracking.mlflow_uri: got {shown(t.mlflow_uri)}; allowed: a folder, or a URI "
+                 f"of {', '.join(MLFLOW_SCHEMES)} (other databases: behind `mlflow server`)")
+    elif scheme in ("http", "https") and not t.mlflow_uri.split("://", 1)[-1].strip("/"):
+        p.append(f"tracking.mlflow_uri: got {shown(t.mlflow_uri)}; expected a server, e.g. "
+                 "http://127.0.0.1:5000")
+    elif scheme == "sqlite" and not t.mlflow_uri.startswith("sqlite:///"):
+        p.append(f"tracking.mlflow_uri: got {shown(t.mlflow_uri)}; expected "
+                 "sqlite:///FILE.db (relative) or sqlite:////ABSOLUTE/FILE.db")
+    return p
+
+
+def _uri_scheme(uri: str) -> str:
+    """The scheme of an MLflow tracking URI ('' for a plain folder; ``databricks`` alone
+    is one, as MLflow reads it)."""
+    if uri == "databricks":
+        return uri
+    return uri.split(":", 1)[0] if ":" in uri else ""
+
+
+def _resolve_tracking_paths(t: TrackingConfig) -> None:
+    """Make local tracking paths absolute against the current folder: the ServerApp
+    runs elsewhere (a simulation: in a private temporary folder), and the folder the
+    user typed the command in is what a relative path means. Absolute ones stay."""
+    if t.tensorboard_dir:
+        t.tensorboard_dir = str(Path(t.tensorboard_dir).expanduser().resolve())
+    uri = t.mlflow_uri
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///"):] not in ("", ":memory:"):
+        t.mlflow_uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    elif uri.startswith("file:") and not uri.startswith("file:///"):
+        t.mlflow_uri = Path(uri[len("file:"):].removeprefix("//")).expanduser().resolve(
+            ).as_uri()
+    elif uri and not _uri_scheme(uri):  # a plain folder: MLflow's file store
+        t.mlflow_uri = str(Path(uri).expanduser().resolve())
 
 
 def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:

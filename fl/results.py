@@ -5,6 +5,9 @@ A run directory holds:
   rounds.jsonl   one JSON object per round, appended and flushed as it ends
   rounds.csv     the same records as a table (rewritten each round)
   summary.json   final and best accuracy, totals, wall time
+
+The recorder also passes every round's record, the summary and the artifacts on to
+the run's experiment trackers (fl.tracking) as it writes them.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fl.files import atomic_file, atomic_write_json, atomic_write_text
+from fl.tracking.base import Trackers
 
 ROUNDS_JSONL = "rounds.jsonl"
 ROUNDS_CSV = "rounds.csv"
@@ -30,26 +34,34 @@ STOPPING = "STOPPING"
 
 
 class RunRecorder:
-    """Writes the records of one run as they happen (nothing lost on a crash)."""
+    """Writes the records of one run as they happen (nothing lost on a crash), and hands
+    them to ``trackers`` (fl.tracking; none by default) as it goes."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, trackers: Trackers | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        self.trackers = trackers if trackers is not None else Trackers()
 
     def truncate(self, last_round: int) -> None:
-        """Keep the records up to ``last_round`` (resuming from its checkpoint)."""
+        """Keep the records up to ``last_round`` (resuming from its checkpoint); the
+        trackers have them already."""
         self.rounds = [r for r in read_rounds(self.dir) if r.get("round", 0) <= last_round]
         (self.dir / ROUNDS_JSONL).unlink(missing_ok=True)
         kept, self.rounds = self.rounds, []
         for r in kept:
-            self.add_round(r)
+            self._write_round(r)
 
     def write_config(self, config_json: str) -> None:
         atomic_write_text(self.dir / CONFIG_JSON, config_json + "\n")
 
     def add_round(self, record: Mapping[str, Any]) -> None:
-        """Append one round: a line of rounds.jsonl (flushed) and the whole CSV."""
+        """Append one round: a line of rounds.jsonl (flushed), the whole CSV, and the
+        record to the trackers."""
+        self._write_round(record)
+        self.trackers.log_round(self.rounds[-1])
+
+    def _write_round(self, record: Mapping[str, Any]) -> None:
         rec = dict(record)
         self.rounds.append(rec)
         with open(self.dir / ROUNDS_JSONL, "a") as f:
@@ -64,10 +76,15 @@ class RunRecorder:
             w.writeheader()
             w.writerows(self.rounds)
 
-    def write_summary(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Summarise the rounds so far into summary.json and return it."""
+    def write_summary(self, extra: Mapping[str, Any] | None = None,
+                      artifacts: Sequence[str | Path] = ()) -> dict[str, Any]:
+        """Summarise the rounds so far into summary.json and return it.
+
+        The trackers get the summary and ``artifacts`` (files) first: summary.json is
+        the run's last act (``bonsai run`` ends the processes once it exists)."""
         summary = summarize(self.rounds)
         summary.update(extra or {})
+        self.trackers.finish(summary, [Path(a) for a in artifacts])
         atomic_write_json(self.dir / SUMMARY_JSON, summary)
         return summary
 

@@ -61,8 +61,9 @@ SEED_AXIS = "seed"
 _STUDY_KEYS = {"name", "output_dir", "base", "grid", "exclude", "description"}
 _LABEL_RE = re.compile(r"^[^,=\s/\\]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
-#: keys every cell gets from the sweep (its folder, and never a resume)
-_SWEEP_KEYS = ("run_dir", "output_dir", "name", "resume")
+#: keys every cell gets from the sweep (its folder, never a resume, and for the trackers
+#: the study as its group and the cell's choices: fl.tracking)
+_SWEEP_KEYS = ("run_dir", "output_dir", "name", "resume", "tracking.group", "tracking.cell")
 
 
 class StudyError(ValueError):
@@ -285,6 +286,7 @@ def expand(study: Study) -> list[Cell]:
         values["output_dir"] = str(study.dir.parent)
         cell = Cell(tuple(choices.items()), values)
         values["run_dir"] = str(study.dir / cell.dir_name)
+        values["tracking.group"], values["tracking.cell"] = study.name, cell.id
         cells.append(cell)
     if problems:
         raise StudyError(problems)
@@ -302,14 +304,22 @@ def _cid(choices: Mapping[str, str]) -> str:
 
 
 def validate_cells(cells: list[Cell]) -> tuple[dict[str, ExperimentConfig], dict[str, list[str]]]:
-    """Build every cell's config: (cell id -> config, cell id -> problems)."""
+    """Build every cell's config: (cell id -> config, cell id -> problems); a tracker
+    whose pip extra is missing is a problem (fl.tracking.missing_packages)."""
+    from fl.tracking import missing_packages
+
     ok: dict[str, ExperimentConfig] = {}
     bad: dict[str, list[str]] = {}
     for cell in cells:
         try:
-            ok[cell.id] = build(cell.values)
+            cfg = build(cell.values)
         except ConfigError as e:
             bad[cell.id] = list(e.problems)
+            continue
+        if missing := missing_packages(cfg):
+            bad[cell.id] = missing
+        else:
+            ok[cell.id] = cfg
     return ok, bad
 
 
@@ -379,9 +389,10 @@ def cell_status(run_dir: Path) -> str:
 
 def stale_cells(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]:
     """Finished cells whose ``config.json`` differs from what the study asks now
-    (a key present in both with another value): cell id -> ``key: old -> new``.
+    (a key present in both with another value; where a cell is reported, the
+    tracking section, aside): cell id -> ``key: old -> new``.
     Rerunning them silently would mix two studies in one table."""
-    from fl.config import to_json
+    from fl.config import PLACE_SECTIONS, to_json
     from fl.results import CONFIG_JSON
 
     out: dict[str, list[str]] = {}
@@ -395,7 +406,8 @@ def stale_cells(configs: Mapping[str, ExperimentConfig]) -> dict[str, list[str]]
             out[cid] = [f"{run_dir / CONFIG_JSON} is missing or corrupt"]
             continue
         new = flatten(json.loads(to_json(cfg)))
-        diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+        diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new
+                 if k in old and k.split(".", 1)[0] not in PLACE_SECTIONS and old[k] != new[k]]
         if diffs:
             out[cid] = diffs
     return out

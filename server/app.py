@@ -19,6 +19,7 @@ from fl.config import ExperimentConfig, from_flat, to_json
 from fl.data import load_test
 from fl.models import build_model
 from fl.results import STOPPING, RunRecorder
+from fl.tracking import start_trackers
 from fl.train import evaluate, pick_device
 from server.guard import NodeGuard
 from server.population import discover
@@ -67,6 +68,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
     else:
         recorder.write_config(config_json)
     log(20, "results folder: %s", recorder.dir)
+    # TensorBoard / W&B / MLflow get each record as the recorder writes it (fl.tracking)
+    recorder.trackers = start_trackers(cfg, recorder.dir,
+                                       resume_from.round if resume_from else None)
+    for name, where in recorder.trackers.locations.items():
+        log(20, "tracking: %s -> %s", name, where)
     fd = load_test(cfg)  # the test split only: nodes bring or hold their own data
     model = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed)
     device = pick_device(cfg.resources.device)
@@ -106,7 +112,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                                    "dataset": cfg.dataset.name,
                                    "wall_seconds": round(time.perf_counter() - t0, 2),
                                    "discovery_seconds": round(discovery_seconds, 2),
-                                   "run_dir": str(recorder.dir)})
+                                   "run_dir": str(recorder.dir)},
+                                  artifacts=[recorder.dir / "final_model.pt",
+                                             recorder.dir / "structure.json"])
 
 
 @app.main()

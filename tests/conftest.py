@@ -19,6 +19,14 @@ _HOME = tempfile.mkdtemp(prefix="bonsai-flwr-home-")
 os.environ.setdefault("FLWR_HOME", _HOME)
 _CACHE = tempfile.mkdtemp(prefix="bonsai-data-cache-")
 os.environ["BONSAI_CACHE_DIR"] = _CACHE
+# experiment trackers (fl.tracking) never reach the network in tests: W&B offline with its
+# settings, cache and staging in a private folder, no error reports or telemetry
+_WANDB = tempfile.mkdtemp(prefix="bonsai-wandb-")
+for _key, _value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                     "WANDB_ERROR_REPORTING": "false", "WANDB_CONFIG_DIR": f"{_WANDB}/config",
+                     "WANDB_CACHE_DIR": f"{_WANDB}/cache", "WANDB_DATA_DIR": f"{_WANDB}/data",
+                     "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}.items():
+    os.environ[_key] = _value
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,6 +34,7 @@ def _remove_flwr_home():
     yield
     shutil.rmtree(_HOME, ignore_errors=True)
     shutil.rmtree(_CACHE, ignore_errors=True)
+    shutil.rmtree(_WANDB, ignore_errors=True)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from fl.deploy.split import write_split
 from fl.node import DEVICES
 from fl.rundir import RunDirError, check_run_dir, writable_problem
 from fl.runtime import RuntimeFailure
+from fl.tracking import missing_packages
 
 USER_ERRORS = (KeyFileError, DeployError, DataError, ValueError)
 
@@ -304,6 +305,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         return cfg
     if cfg.resume:
         return fail("resume: got True; `bonsai deploy local` always starts a new run")
+    if missing := missing_packages(cfg):  # a tracker's pip extra (fl.tracking)
+        return fail(missing)
     problem = check_run_dir(cfg, args.file)
     if problem:
         return fail(problem)

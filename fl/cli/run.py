@@ -15,6 +15,7 @@ from fl.cli.common import DEFAULT_EXPERIMENT, check_data, fail, load_or_fail, pr
 from fl.rundir import RunDirError, check_resume, check_run_dir
 from fl.runtime import RuntimeFailure
 from fl.simulation import run_simulation
+from fl.tracking import missing_packages
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_or_fail(args.file, args.overrides)
     if isinstance(cfg, int):
         return cfg
+    if missing := missing_packages(cfg):  # a tracker's pip extra (fl.tracking)
+        return fail(missing)
     console = Console()
     if cfg.resume and not args.resume:
         return fail("resume: got True; continue a run with `bonsai run FILE --resume "

@@ -18,6 +18,7 @@ from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail, load_or_fail
 from fl.config import ExperimentConfig
 from fl.runtime import RuntimeFailure
+from fl.tracking import missing_packages
 from fl.yamlfile import YamlFileError, load_yaml
 
 
@@ -71,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_or_fail(f, args.overrides)
         if isinstance(cfg, int):
             code = cfg
+            continue
+        if missing := missing_packages(cfg):  # a tracker's pip extra (fl.tracking)
+            code = fail([f"{f}: {p}" for p in missing])
             continue
         experiments[f] = cfg
         ok[f] = (f"{f}: ok ({cfg.strategy.name}, {cfg.model} on {cfg.dataset.name}, "
