@@ -321,13 +321,21 @@ def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...],
 # --- split and partition ------------------------------------------------------
 def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
     """Sorted row indices (pool, test) of a split stratified by label (when every class
-    has two examples; otherwise random), seeded."""
+    has two examples and each side can hold one of every class; otherwise random),
+    seeded. Raises DataError when the examples are too few to split."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
     counts = np.bincount(y)
-    strat = y if counts[counts > 0].min() >= 2 else None
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
+    classes = int((counts > 0).sum())
+    n_test = math.ceil(test_fraction * len(y))
+    stratify = counts[counts > 0].min() >= 2 and min(n_test, len(y) - n_test) >= classes
+    try:
+        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                  stratify=y if stratify else None)
+    except ValueError as e:
+        raise DataError(f"dataset.test_fraction: got {test_fraction}; {len(y)} examples cannot "
+                        f"be split into a training pool and a test set ({e})") from None
     return np.sort(tr), np.sort(te)
 
 

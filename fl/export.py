@@ -320,7 +320,8 @@ def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Pat
             warnings.simplefilter("ignore", FutureWarning)
             _save(g.small, example, fmt, path)
             predict, runtime, timed = _runner(fmt, path, g.small)
-        x_test = load_test(g.cfg).test.x.numpy()
+        test = load_test(g.cfg).test  # as the model takes it (uint8 images scaled, normalised)
+        x_test = test.transform(test.x, None, train=False).numpy()
         if x_test.dtype.kind == "f":  # token ids stay integers
             x_test = x_test.astype(np.float32)
         with torch.no_grad():
