@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import hubdata
+import numpy as np
 import pytest
 import yaml
 from processes import bonsai, wait_gone
@@ -132,7 +133,7 @@ def test_bad_local_data_stops_run_and_validate_before_flower(tmp_path):
               "dataset.label_column: got 'label'",
               "has columns ['image', 'writer_id', 'hsf_id', 'character']")
     assert not out.exists() and not wait_gone(mark)
-    images = [hubdata.png(a) for a in __import__("numpy").zeros((4, 8, 8), "uint8")]
+    images = [hubdata.png(a) for a in np.zeros((4, 8, 8), np.uint8)]
     strings = tmp_path / "strings.parquet"
     datasets.Dataset.from_dict({"image": images, "label": list("abab")}).cast_column(
         "image", datasets.Image()).to_parquet(str(strings))
