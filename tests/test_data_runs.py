@@ -143,4 +143,14 @@ def test_bad_local_data_stops_run_and_validate_before_flower(tmp_path):
     one_error(bonsai(["run", "quickstart", "--quiet", *common, "--set",
                       "partition.kind=natural", "--set", "partition.num_clients=5"], mark),
               "partition.num_clients: got 5; the natural split of this dataset has 3 clients")
+    one_error(bonsai(["run", "quickstart", "--quiet", *common, "--set",
+                      "partition.kind=iid", "--set", "partition.num_clients=20"], mark),
+              "partition.num_clients: got 20; the training pool has 14 examples, so client 14")
+    broken = tmp_path / "broken.parquet"
+    images[1] = {"bytes": b"\x89PNG but cut short", "path": None}
+    datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1]}).cast_column(
+        "image", datasets.Image()).to_parquet(str(broken))
+    one_error(bonsai(["validate", "quickstart", "--set", "dataset.name=local", "--set",
+                      f"dataset.path={broken}"], mark),
+              "column 'image': row 1 is not a decodable image")
     assert not out.exists() and not wait_gone(mark)
