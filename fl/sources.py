@@ -350,11 +350,13 @@ def _labels(ds: Any, col: str, kind: str, what: str) -> tuple[np.ndarray, int | 
         return arr.to_numpy().astype(np.int64), feature.num_classes
     typ = arr.type
     if kind == "text" and (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        values = arr.to_pylist()
-        try:
-            return text.encode_labels(values, what), len(text.LEAF_VOCABULARY)
+        step = 64 * _CHUNK
+        try:  # a chunk at a time: the hub's Shakespeare has 4 million labels
+            y = np.concatenate([text.encode_labels(arr.slice(s, step).to_pylist(), what, s)
+                                for s in range(0, len(arr), step)])
         except ValueError as e:
             raise DataError(str(e)) from None
+        return y, len(text.LEAF_VOCABULARY)
     if pa.types.is_integer(typ) or pa.types.is_boolean(typ):
         y = arr.to_numpy().astype(np.int64)
         if kind == "text":
