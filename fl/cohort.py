@@ -65,6 +65,7 @@ from fl.models import build_model
 from fl.objectives import margin_loss
 from fl.optim import CohortAdamW, CohortSGD
 from fl.train import TrainResult, train
+from fl.transforms import AugmentDraw
 
 __all__ = ["MODES", "ClientTraining", "choose_mode", "train_cohort", "vectorisable"]
 
@@ -237,7 +238,11 @@ def train_cohort(
         if num_classes is None:
             raise ValueError("num_classes: required when model is given by name")
         model = build_model(model, tuple(datas[0].x.shape[1:]), num_classes)
-    example = torch.cat([d.x[:2] for d in datas[:2]])[:2]  # two inputs even if one has one
+    transform = datas[0].transform
+    if any(d.transform != transform for d in datas):
+        raise ValueError("datas: every client's examples must have the same transform")
+    # two inputs even if one has one, as the model takes them
+    example = transform(torch.cat([d.x[:2] for d in datas[:2]])[:2], None, train=False)
     path = choose_mode(model, device, example, mode, clients=count)
     args = dict(cfg=cfg, device=device, margin_lambda=margin_lambda, proximal_mu=proximal_mu)
     if path == "sequential":
@@ -281,6 +286,7 @@ class _Group:
     idx: torch.Tensor  #: [G, L] indices into the cohort's concatenated examples
     weight: torch.Tensor  #: [G] float64: L where the batch is in the client's last epoch
     full: bool  #: every client of the cohort, in order (no gather/scatter needed)
+    clients: list[int]  #: ``rows`` on the host (the batch transform draws per client)
 
 
 def _schedule(
@@ -337,7 +343,7 @@ def _schedule(
             g, length = len(rows), len(idxs[0])
             groups.append(_Group(
                 rows=rows_d[r0:r0 + g], idx=idx_d[i0:i0 + g * length].view(g, length),
-                weight=w_d[r0:r0 + g], full=rows == list(range(count)),
+                weight=w_d[r0:r0 + g], full=rows == list(range(count)), clients=rows,
             ))  # fmt: skip
             r0, i0 = r0 + g, i0 + g * length
         out.append(groups)
@@ -403,6 +409,10 @@ def _vectorised(
     xs = torch.cat([d.x for d in datas]).to(device)
     ys = torch.cat([d.y for d in datas]).to(device)
     grad_fn = _grad_fn(work, margin_lambda)
+    # the batch transform of fl.train, drawn per client from its own generator in its
+    # own batch order (so each client's batches are those of the sequential path)
+    transform = datas[0].transform
+    augment = [transform.generator(seed) for seed in seeds]
     t0 = time.perf_counter()
     schedule, active, steps = _schedule(datas, seeds, epochs, cfg.batch_size, device)
     totals = torch.zeros(count, dtype=torch.float64, device=device)
@@ -414,7 +424,14 @@ def _vectorised(
             else:
                 p_in = {n: p.index_select(0, g.rows) for n, p in zip(trained, opt.params)}
                 r_in = {n: t.index_select(0, g.rows) for n, t in rest.items()}
-            grads, losses = grad_fn(p_in, r_in, xs[g.idx], ys[g.idx])
+            xb = xs[g.idx]
+            if not transform.identity:
+                g_count, length = g.idx.shape
+                draws = [transform.draw(length, augment[k]) for k in g.clients]
+                flat = transform.apply(xb.flatten(0, 1), None if draws[0] is None
+                                       else AugmentDraw.concat(draws))
+                xb = flat.view(g_count, length, *flat.shape[1:])
+            grads, losses = grad_fn(p_in, r_in, xb, ys[g.idx])
             if not g.full:
                 for n, t in rest.items():
                     t.index_copy_(0, g.rows, r_in[n])

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -88,23 +89,49 @@ MLFLOW_SCHEMES = ("http", "https", "sqlite", "file", "databricks")
 
 @dataclass
 class DatasetConfig:
-    name: str = _f("digits", choices=("digits", "synthetic", "npz", "hf"),
-                   doc="digits | synthetic | npz (local file) | hf (Hugging Face by name)")
-    path: str = _f("", doc="npz file with x/y arrays (name=npz)")
-    hf_name: str = _f("", doc="Hugging Face dataset id (name=hf), e.g. uoft-cs/cifar10")
+    name: str = _f("digits", choices=("digits", "synthetic", "npz", "local", "hf"),
+                   doc="digits | synthetic | npz (x/y arrays) | local (files read with "
+                       "Hugging Face datasets) | hf (the hub, by name)")
+    path: str = _f("", doc="npz: the .npz file; local: a parquet/csv/json/arrow file or folder, "
+                           "an image folder or a save_to_disk folder (relative: from the "
+                           "folder bonsai starts in)")
+    format: str = _f("auto", choices=("auto", "parquet", "csv", "json", "arrow", "imagefolder",
+                                      "disk"),
+                     doc="local: how to read dataset.path (auto: from its suffix or content)")
+    hf_name: str = _f("", doc="hf: the hub dataset id, e.g. uoft-cs/cifar10; local: the hub "
+                              "dataset the files are a copy of (named in messages)")
+    image_column: str = _f("", doc="local/hf: the image column (empty: img, image, or the one "
+                                   "Image column)")
+    text_column: str = _f("", doc="local/hf: the text column (empty: x, text)")
+    label_column: str = _f("", doc="local/hf: the label column (empty: label, fine_label, "
+                                   "labels, character, y)")
+    partition_column: str = _f("", doc="local/hf: client ids for partition.kind=natural "
+                                       "(empty: writer_id, character_id, client_id, user_id, "
+                                       "speaker_id)")
     test_fraction: float = _f(0.2, lo=0.0, hi=0.9, lo_open=True,
-                              doc="held-out centralized test split")
+                              doc="held-out centralized test split (local/hf: when the data "
+                                  "has no test split)")
+    normalize: bool = _f(False, doc="images: (x - mean) / std per channel, mean and std of the "
+                                    "training pool")
     synthetic_alpha: float = _f(1.0, lo=0.0, doc="Synthetic(alpha, beta): model heterogeneity")
     synthetic_beta: float = _f(1.0, lo=0.0, doc="Synthetic(alpha, beta): data heterogeneity")
     synthetic_devices: int = _f(30, lo=1, hi=100_000, doc="devices the generator draws from")
     synthetic_samples: int = _f(6000, lo=10, hi=10_000_000, doc="total synthetic examples")
 
 
+#: partition kinds (flwr-datasets partitioners; natural: one client per id)
+PARTITION_KINDS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "linear",
+                   "square", "exponential", "natural")
+
+
 @dataclass
 class PartitionConfig:
-    kind: str = _f("dirichlet", choices=("iid", "dirichlet", "pathological", "shard", "natural"))
-    num_clients: int = _f(10, lo=1, hi=100_000)
-    alpha: float = _f(0.5, lo=0.0, lo_open=True, doc="Dirichlet concentration")
+    kind: str = _f("dirichlet", choices=PARTITION_KINDS,
+                   doc="natural: one client per id (synthetic devices, a dataset's "
+                       "partition column)")
+    num_clients: int = _f(10, lo=1, hi=100_000,
+                          doc="natural: at most the ids in the data (fewer: a seeded sample)")
+    alpha: float = _f(0.5, lo=0.0, lo_open=True, doc="dirichlet, inner_dirichlet: concentration")
     classes_per_client: int = _f(2, lo=1, doc="pathological: classes per client")
     shards_per_client: int = _f(2, lo=1, doc="shard: shards per client")
     min_size: int = _f(2, lo=0, doc="dirichlet: resample until every client has this many")
@@ -118,6 +145,11 @@ class TrainConfig:
     optimizer: str = _f("sgd", choices=("sgd", "adamw"))
     momentum: float = _f(0.9, lo=0.0, hi=1.0)
     weight_decay: float = _f(0.0, lo=0.0)
+    augment_crop_padding: int = _f(0, lo=0, hi=64,
+                                   doc="images: random crop after padding by N pixels (0 = off)")
+    augment_pad_mode: str = _f("zeros", choices=("zeros", "reflect"),
+                               doc="how the crop's padding is filled")
+    augment_flip: bool = _f(False, doc="images: random horizontal flip")
 
 
 @dataclass
@@ -358,6 +390,10 @@ def build(values: Mapping[str, Any]) -> ExperimentConfig:
     if problems:
         raise ConfigError(problems)
     _resolve_tracking_paths(cfg.tracking)
+    if cfg.dataset.path and cfg.dataset.name in ("npz", "local"):
+        # absolute, so that every process of the run (Ray's workers start elsewhere) and
+        # the data cache's key name the same file
+        cfg.dataset.path = os.path.abspath(os.path.expanduser(cfg.dataset.path))
     return cfg
 
 
@@ -417,14 +453,23 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
                      f"{cfg.dataset.name})")
     if cfg.dataset.name == "npz" and not cfg.dataset.path:
         p.append("dataset.path: got ''; dataset.name=npz needs the path of an .npz file")
+    if cfg.dataset.name == "local" and not cfg.dataset.path:
+        p.append("dataset.path: got ''; dataset.name=local needs a data file or folder")
     if cfg.dataset.name == "hf" and not cfg.dataset.hf_name:
         p.append("dataset.hf_name: got ''; dataset.name=hf needs a Hugging Face dataset id")
+    if cfg.dataset.name == "synthetic":
+        for key, on in (("dataset.normalize", cfg.dataset.normalize),
+                        ("train.augment_crop_padding", cfg.train.augment_crop_padding > 0),
+                        ("train.augment_flip", cfg.train.augment_flip)):
+            if on:
+                p.append(f"{key}: got {shown(_value(cfg, key))}; the synthetic dataset is "
+                         "vectors, not images")
     if cfg.resume and not cfg.run_dir:
         p.append("resume: got True; set by `bonsai run FILE --resume RESULTS_DIR` (it needs "
                  "the run's folder), not in a file or --set")
-    if cfg.partition.kind == "natural" and cfg.dataset.name != "synthetic":
-        p.append(f"partition.kind: got 'natural'; only dataset.name=synthetic has natural "
-                 f"client ids (got {cfg.dataset.name!r})")
+    if cfg.partition.kind == "natural" and cfg.dataset.name in ("digits", "npz"):
+        p.append(f"partition.kind: got 'natural'; dataset.name={cfg.dataset.name} has no client "
+                 "ids (synthetic has its devices; local and hf datasets a partition column)")
     return p
 
 
@@ -497,6 +542,13 @@ def _resolve_tracking_paths(t: TrackingConfig) -> None:
             ).as_uri()
     elif uri and not _uri_scheme(uri):  # a plain folder: MLflow's file store
         t.mlflow_uri = str(Path(uri).expanduser().resolve())
+
+
+def _value(cfg: ExperimentConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> ExperimentConfig:

@@ -1,22 +1,34 @@
 """Datasets and their federated partitions.
 
-A dataset is loaded once into memory as ``(x, y)`` tensors, split into a
-training pool and a held-out centralized test split (stratified, seeded), and
-the pool is partitioned across clients with flwr-datasets' partitioners. The
-partitioners only see a two-column table (``label``, ``idx``): a partition is a
-set of row indices into the in-memory arrays, so nothing is copied per client.
+A dataset is loaded once as arrays, split into a training pool and a held-out
+centralized test split, and the pool is partitioned across clients with
+flwr-datasets' partitioners. The partitioners only see labels and client ids (a
+small table of ``label``, ``idx`` and, for natural partitions, ``id``): a
+partition is a set of row indices into the pool, so nothing is copied per
+client until that client's rows are read.
 
 Datasets: ``digits`` (scikit-learn's bundled 8x8 real images, offline),
 ``synthetic`` (the FedProx Synthetic(alpha, beta) generator, Li et al., MLSys
 2020), ``npz`` (a local file with ``x``/``y`` arrays; what a deployed node
-brings) and ``hf`` (any Hugging Face dataset through flwr-datasets; needs the
-network).
+brings), ``local`` (parquet / csv / json / arrow files, an image folder or a
+``save_to_disk`` folder, read with Hugging Face ``datasets``; fl.sources) and
+``hf`` (a hub dataset by name through flwr-datasets; needs the network once).
+These three are float32 in memory (digits, synthetic, npz) with a seeded
+stratified test split; ``local`` and ``hf`` are decoded once into the data cache
+as uint8 images or int64 token ids, memory-mapped, and a client reads only its
+own rows (fl.datacache.read_rows), so a simulated client's memory does not grow
+with the dataset. Scaling, normalisation and augmentation happen per batch on
+the training device (:class:`fl.transforms.BatchTransform`, carried by
+:class:`Arrays`).
 
-Checks on every dataset a user brings (an .npz, a node's folder, a Hugging Face
-split), made before anything starts (``bonsai run``/``sweep``/``validate`` run
-:func:`prepare` in a child process; ``bonsai deploy`` checks node data):
+Checks on every dataset a user brings (an .npz, a node's folder, local files,
+a hub dataset), made before anything starts (``bonsai run``/``sweep``/``validate``
+run :func:`prepare` in a child process; ``bonsai deploy`` checks node data):
 
 - the file is an .npz of plain arrays whose declared shapes match its bytes;
+  local files exist, can be read, and have the columns the keys name or
+  detection finds (fl.sources; images decodable and of one size, labels integer
+  or a ClassLabel, text in LEAF's vocabulary);
 - ``x`` holds real numbers that are finite as float32 (NaN, inf, or values beyond
   float32's range are counted and the first one's index is named);
 - ``x`` of shape (N, H, W) is read as one-channel images (N, 1, H, W);
@@ -24,12 +36,17 @@ split), made before anything starts (``bonsai run``/``sweep``/``validate`` run
   the dataset (train and test together), so one stray label of 100000 among
   0..9 is an error, not a 100001-class model; a node's own file may lack
   classes when its class count is declared (the experiment's dataset,
-  ``--num-classes``, or a ``num_classes`` scalar in the .npz);
-- the experiment's model can take the examples (:func:`fl.models.check_model_input`).
+  ``--num-classes``, or a ``num_classes`` scalar in the .npz), and so may a
+  dataset whose label column is a ClassLabel;
+- every client of the partition gets at least one example;
+- normalisation and augmentation are asked of images only;
+- the experiment's model can take the examples (:func:`fl.models.check_model_input`;
+  token ids only for text models).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zipfile
 from collections.abc import Mapping
@@ -42,17 +59,28 @@ import numpy as np
 import torch
 
 from fl import datacache
-from fl.config import DatasetConfig, ExperimentConfig, PartitionConfig, requires_image
+from fl.config import (
+    DatasetConfig,
+    ExperimentConfig,
+    PartitionConfig,
+    TrainConfig,
+    requires_image,
+    requires_tokens,
+)
 from fl.models import check_model_input
 from fl.node import DATA_PATH, NUM_CLASSES, NUM_PARTITIONS, PARTITION_ID
+from fl.transforms import IDENTITY, BatchTransform
 
 
 @dataclass(frozen=True)
 class Arrays:
-    """Examples as tensors: ``x`` float32 (N, *input_shape), ``y`` int64 (N,)."""
+    """Examples as tensors: ``x`` (N, *input_shape) as stored (float32, uint8 images or
+    int64 token ids), ``y`` int64 (N,), and the ``transform`` that makes a batch of
+    ``x`` the model's input (fl.train and fl.cohort apply it per batch)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    transform: BatchTransform = IDENTITY
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -60,22 +88,30 @@ class Arrays:
 
 @dataclass(frozen=True)
 class FederatedData:
-    """A training pool, its client partitions (row indices) and the test split."""
+    """A training pool, its client partitions (row indices) and the test split.
+
+    ``pool``: the memory-mapped array behind ``train.x`` (local and hf datasets); a
+    client's rows are then read through a mapping of their own
+    (:func:`fl.datacache.read_rows`)."""
 
     train: Arrays
     test: Arrays
     partitions: tuple[np.ndarray, ...]
     input_shape: tuple[int, ...]
     num_classes: int
+    pool: np.ndarray | None = None
 
     def client(self, partition_id: int) -> Arrays:
-        """The examples of client ``partition_id``."""
+        """The examples of client ``partition_id`` (in memory)."""
         if not 0 <= partition_id < len(self.partitions):
             raise ValueError(
                 f"partition-id: got {partition_id}; allowed: 0..{len(self.partitions) - 1}"
             )
-        idx = torch.from_numpy(self.partitions[partition_id])
-        return Arrays(self.train.x[idx], self.train.y[idx])
+        rows = self.partitions[partition_id]
+        idx = torch.from_numpy(rows)
+        x = (torch.from_numpy(datacache.read_rows(self.pool, rows)) if self.pool is not None
+             else self.train.x[idx])
+        return Arrays(x, self.train.y[idx], self.train.transform)
 
 
 class DataError(ValueError):
@@ -263,42 +299,50 @@ def load_npz(path: str | Path, key: str = "dataset.path") -> tuple[np.ndarray, n
     return _as_examples(x), y.astype(np.int64)
 
 
-def _hf(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train and test splits of a Hugging Face image dataset (needs the network)."""
-    from flwr_datasets import FederatedDataset
-    from flwr_datasets.partitioner import IidPartitioner
-
-    fds = FederatedDataset(dataset=name, partitioners={"train": IidPartitioner(1)})
-
-    def to_arrays(ds) -> tuple[np.ndarray, np.ndarray]:
-        cols = ds.column_names
-        img = next((c for c in ("img", "image", "pixels", "x") if c in cols), None)
-        lab = next((c for c in ("label", "fine_label", "character", "y") if c in cols), None)
-        if img is None or lab is None:
-            raise DataError(f"dataset.hf_name: {name!r} has columns {cols}; expected an image "
-                            "column (img/image) and a label column (label)")
-        x = np.stack([np.asarray(v, dtype=np.float32) for v in ds[img]]) / 255.0
-        x = x[:, None] if x.ndim == 3 else np.transpose(x, (0, 3, 1, 2))
-        return x.astype(np.float32), np.asarray(ds[lab], dtype=np.int64)
-
-    xtr, ytr = to_arrays(fds.load_split("train"))
-    xte, yte = to_arrays(fds.load_split("test"))
-    return xtr, ytr, xte, yte
+def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...],
+                                                              tuple[float, ...]]:
+    """Per-channel mean and (population) standard deviation of images ``x`` (N, C, H, W)
+    times ``scale``, in float64, read a chunk at a time (``x`` may be memory-mapped)."""
+    if x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"x: expected images (N, C, H, W) with N > 0, got shape {x.shape}")
+    n, c = x.shape[:2]
+    rows = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))  # about 16M values at a time
+    total, squares = np.zeros(c), np.zeros(c)
+    for start in range(0, n, rows):
+        chunk = np.asarray(x[start:start + rows], dtype=np.float64) * scale
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += np.square(chunk).sum(axis=(0, 2, 3))
+    count = n * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 # --- split and partition ------------------------------------------------------
-def _stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Sorted row indices (pool, test) of a split stratified by label (when every class
+    has two examples and each side can hold one of every class; otherwise random),
+    seeded. Raises DataError when the examples are too few to split."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
     counts = np.bincount(y)
-    strat = y if counts[counts > 0].min() >= 2 else None
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strat)
+    classes = int((counts > 0).sum())
+    n_test = math.ceil(test_fraction * len(y))
+    stratify = counts[counts > 0].min() >= 2 and min(n_test, len(y) - n_test) >= classes
+    try:
+        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                  stratify=y if stratify else None)
+    except ValueError as e:
+        raise DataError(f"dataset.test_fraction: got {test_fraction}; {len(y)} examples cannot "
+                        f"be split into a training pool and a test set ({e})") from None
     return np.sort(tr), np.sort(te)
 
 
-def make_partitioner(cfg: PartitionConfig, seed: int):
-    """The flwr-datasets partitioner for ``cfg`` (seeded)."""
+def make_partitioner(cfg: PartitionConfig, seed: int, pool_size: int | None = None):
+    """The flwr-datasets partitioner for ``cfg`` (seeded). It reads the columns ``label``
+    and, for ``natural``, ``id``. ``inner_dirichlet`` needs ``pool_size`` (its clients
+    get equal shares of the pool)."""
     from flwr_datasets import partitioner as fp
 
     n = cfg.num_clients
@@ -314,38 +358,72 @@ def make_partitioner(cfg: PartitionConfig, seed: int):
     if cfg.kind == "shard":
         return fp.ShardPartitioner(n, "label", num_shards_per_partition=cfg.shards_per_client,
                                    shuffle=True, seed=seed)
+    if cfg.kind == "inner_dirichlet":
+        if pool_size is None:
+            raise ValueError("pool_size: inner_dirichlet needs the pool's size")
+        base, extra = divmod(pool_size, n)
+        sizes = [base + (i < extra) for i in range(n)]
+        return fp.InnerDirichletPartitioner(sizes, "label", cfg.alpha, shuffle=True, seed=seed)
+    if cfg.kind in ("linear", "square", "exponential"):  # sizes grow with the client id
+        cls = {"linear": fp.LinearPartitioner, "square": fp.SquarePartitioner,
+               "exponential": fp.ExponentialPartitioner}[cfg.kind]
+        return cls(n)
     if cfg.kind == "natural":
-        return fp.NaturalIdPartitioner("device")
+        return fp.NaturalIdPartitioner("id")
     raise ValueError(f"partition.kind: unknown value {cfg.kind!r}")
 
 
 def partition_indices(
     labels: np.ndarray, cfg: PartitionConfig, seed: int, groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, ...]:
-    """Row indices of each client's examples, computed by a flwr-datasets partitioner."""
+    """Row indices of each client's examples, computed by a flwr-datasets partitioner.
+
+    ``natural``: one client per distinct value of ``groups`` (sorted); with fewer
+    ``cfg.num_clients`` than ids, a seeded sample of the ids. Raises DataError when the
+    partition cannot be made or leaves a client without examples.
+    """
     from datasets import Dataset
 
+    n = cfg.num_clients
+    if n > len(labels) and cfg.kind != "natural":
+        raise DataError(f"partition.num_clients: got {n}; the training pool has {len(labels)} "
+                        f"examples, so client {len(labels)} and later would get none")
     cols = {"label": labels.tolist(), "idx": np.arange(len(labels)).tolist()}
-    if groups is not None:
-        cols["device"] = groups.tolist()
-    part = make_partitioner(cfg, seed)
+    if cfg.kind == "natural":
+        if groups is None:
+            raise DataError("partition.kind: got 'natural'; this dataset has no client ids")
+        cols["id"] = groups.tolist()
+    part = make_partitioner(cfg, seed, pool_size=len(labels))
     part.dataset = Dataset.from_dict(cols)
-    if cfg.kind == "natural" and part.num_partitions != cfg.num_clients:
-        raise DataError(f"partition.num_clients: got {cfg.num_clients}; the natural split of "
-                        f"this dataset has {part.num_partitions} clients")
+    chosen = list(range(n))
+    if cfg.kind == "natural":
+        ids = part.num_partitions
+        if n > ids:
+            raise DataError(f"partition.num_clients: got {n}; the natural split of this dataset "
+                            f"has {ids} clients (allowed: 1..{ids}; fewer than {ids}: a seeded "
+                            "sample of the ids)")
+        if n < ids:
+            chosen = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False)).tolist()
     try:
         parts = [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
-                 for i in range(cfg.num_clients)]
-    except ValueError as e:  # e.g. Dirichlet cannot satisfy min_partition_size
-        raise DataError(f"partition: {e} (kind={cfg.kind}, num_clients={cfg.num_clients}, "
+                 for i in chosen]
+    # e.g. Dirichlet cannot satisfy min_partition_size (ValueError); shards or sizes that
+    # round to nothing fail inside flwr-datasets with other types
+    except (ValueError, IndexError, ZeroDivisionError) as e:
+        raise DataError(f"partition: {e or type(e).__name__} (kind={cfg.kind}, num_clients={n}, "
                         f"alpha={cfg.alpha}, min_size={cfg.min_size}, {len(labels)} "
                         "examples in the pool)") from None
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise DataError(f"partition: client {empty[0]} gets no examples ({len(empty)} of {n} "
+                        f"clients get none; kind={cfg.kind}, num_clients={n}, {len(labels)} "
+                        "examples in the pool); use fewer clients or another partition")
     return tuple(parts)
 
 
 def _source_key(dcfg: DatasetConfig, seed: int) -> dict[str, Any]:
     """What the pool/test split of ``dcfg`` depends on (the data cache's key)."""
-    fields = {f: getattr(dcfg, f) for f in DatasetConfig.__dataclass_fields__}
+    fields = {f: getattr(dcfg, f) for f in _LOAD_FIELDS}
     key: dict[str, Any] = {"dataset": fields, "seed": seed,
                            **datacache.versions("numpy", "scikit-learn")}
     if dcfg.name == "npz":
@@ -353,20 +431,44 @@ def _source_key(dcfg: DatasetConfig, seed: int) -> dict[str, Any]:
             key["file"] = datacache.file_fingerprint(dcfg.path)
         except OSError:
             raise DataError(f"dataset.path: {dcfg.path!r} does not exist") from None
-    if dcfg.name == "hf":
-        key.update(datacache.versions("flwr-datasets", "datasets"))
     return key
 
 
-def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[Any, ...]:
-    """(train_x, train_y, test_x, test_y, groups-or-None, split key): the pool and the
-    test split. The row indices of the split come from the data cache."""
+#: the dataset keys the bundled/npz split depends on (normalize, the columns and the
+#: format do not change it: the cache entries made before those keys stay valid)
+_LOAD_FIELDS = ("name", "path", "hf_name", "test_fraction", "synthetic_alpha", "synthetic_beta",
+                "synthetic_devices", "synthetic_samples")
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A dataset's pool and test split, and what the partitions and transform need."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    groups: np.ndarray | None  #: client id per pool row (natural partitions)
+    key: dict[str, Any]  #: the data cache key of the split
+    num_classes: int
+    mapped: bool  #: local/hf: memory-mapped, pool rows in source order
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None  #: pool mean/std (images)
+    no_ids: str  #: why there are no client ids (the message), when groups is None
+
+
+def _split_arrays(dcfg: DatasetConfig, seed: int) -> _Split:
+    """The pool and test split of ``dcfg``. The row indices of the split (bundled, npz) or
+    the decoded arrays (local, hf) come from the data cache."""
+    if dcfg.name in ("local", "hf"):
+        from fl import sources  # datasets and pyarrow only when a source is decoded
+
+        t = sources.load_table(dcfg)
+        no_ids = (f"{sources.where(dcfg)} has no client-id column (columns {list(t.columns)}); "
+                  "name it with dataset.partition_column")
+        return _Split(t.x_train, t.y_train, t.x_test, t.y_test, t.ids_train, t.key,
+                      t.num_classes, True, (t.mean, t.std) if t.mean and t.std else None,
+                      no_ids)
     key = _source_key(dcfg, seed)
-    if dcfg.name == "hf":
-        e = datacache.cached("hf", key, lambda: dict(zip(("xtr", "ytr", "xte", "yte"),
-                                                         _hf(dcfg.hf_name))))
-        check_labels(np.concatenate([e["ytr"], e["yte"]]), _source(dcfg))
-        return e["xtr"], e["ytr"], e["xte"], e["yte"], None, key
     groups = None
     if dcfg.name == "digits":
         x, y = _digits()
@@ -378,49 +480,124 @@ def _split_arrays(dcfg: DatasetConfig, seed: int) -> tuple[Any, ...]:
         check_labels(y, _source(dcfg))
 
     def split() -> dict[str, np.ndarray]:
-        tr, te = _stratified_split(y, dcfg.test_fraction, seed)
+        tr, te = stratified_split(y, dcfg.test_fraction, seed)
         # shuffle the pool with the seed so that order-based partitioners are seeded too
         return {"train": tr[np.random.default_rng(seed).permutation(len(tr))], "test": te}
 
     rows = datacache.cached("split", key, split)
     tr, te = rows["train"], rows["test"]
     groups = groups[tr] if groups is not None else None
-    return x[tr], y[tr], x[te], y[te], groups, key
+    train_y, test_y = y[tr], y[te]
+    return _Split(x[tr], train_y, x[te], test_y, groups, key,
+                  int(max(train_y.max(), test_y.max()) + 1), False, None,
+                  f"{_source(dcfg)} has no client ids")
+
+
+def _partitions(s: _Split, pcfg: PartitionConfig, seed: int) -> tuple[np.ndarray, ...]:
+    """The clients' pool rows (cached). A memory-mapped pool is in source order: the
+    partitioners see it shuffled by the seed, as the bundled pools are."""
+    if pcfg.kind == "natural" and s.groups is None:
+        raise DataError(f"partition.kind: got 'natural'; {s.no_ids}")
+    pkey = {"split": s.key, "seed": seed,
+            "partition": {f: getattr(pcfg, f) for f in PartitionConfig.__dataclass_fields__},
+            **datacache.versions("flwr-datasets", "datasets")}
+
+    def compute() -> dict[str, np.ndarray]:
+        labels, groups = s.train_y, s.groups
+        order = np.random.default_rng(seed).permutation(len(labels)) if s.mapped else None
+        if order is not None:
+            labels, groups = labels[order], groups[order] if groups is not None else None
+        parts = partition_indices(labels, pcfg, seed, groups)
+        if order is not None:
+            parts = tuple(np.sort(order[p]) for p in parts)
+        return datacache.pack_parts(parts)
+
+    return datacache.unpack_parts(datacache.cached("partition", pkey, compute))
+
+
+def _images(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3
+
+
+def _make_transform(s: _Split, dcfg: DatasetConfig, tcfg: TrainConfig) -> BatchTransform:
+    """The batch transform of ``s`` for the keys; DataError for a key that does not
+    apply to these examples (normalisation or augmentation of non-images, reflect
+    padding wider than the image)."""
+    shape = tuple(s.train_x.shape[1:])
+    src = _source(dcfg)
+    asked = {"dataset.normalize": dcfg.normalize,
+             "train.augment_crop_padding": tcfg.augment_crop_padding,
+             "train.augment_flip": tcfg.augment_flip}
+    if not _images(shape) or s.train_x.dtype == np.int64:
+        for key, value in asked.items():
+            if value:
+                raise DataError(f"{key}: got {value!r}; {src} holds examples of shape {shape}, "
+                                "not images (normalisation and augmentation are for images)")
+    pad = tcfg.augment_crop_padding
+    if pad and tcfg.augment_pad_mode == "reflect" and pad >= min(shape[1:]):
+        raise DataError(f"train.augment_crop_padding: got {pad}; reflect padding needs less "
+                        f"than the image size ({shape[1]}x{shape[2]} in {src})")
+    divisor = 255.0 if s.train_x.dtype == np.uint8 else None
+    mean = std = None
+    if dcfg.normalize:
+        stats = s.stats
+        if stats is None:  # float images (digits, npz): computed once, cached with the split
+            stats = _float_stats(s)
+        mean = stats[0]
+        std = tuple(v if v > 1e-6 else 1.0 for v in stats[1])  # a constant channel stays 0
+    return BatchTransform(divisor=divisor, mean=mean, std=std, crop_padding=pad,
+                          pad_mode=tcfg.augment_pad_mode, flip=tcfg.augment_flip)
+
+
+def _float_stats(s: _Split) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    e = datacache.cached("stats", {"split": s.key},
+                         lambda: dict(zip(("mean", "std"), map(np.asarray,
+                                                                channel_stats(s.train_x)))))
+    return tuple(float(v) for v in e["mean"]), tuple(float(v) for v in e["std"])
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a)
+
+
+def _augment_fields(t: TrainConfig) -> tuple:
+    return (t.augment_crop_padding, t.augment_pad_mode, t.augment_flip)
 
 
 @lru_cache(maxsize=2)  # one dataset per process: data is cached, never client state
-def _load_cached(ds: tuple, part: tuple, seed: int) -> FederatedData:
-    pcfg = PartitionConfig(*part)
-    train_x, train_y, test_x, test_y, groups, key = _split_arrays(DatasetConfig(*ds), seed)
-    num_classes = int(max(train_y.max(), test_y.max()) + 1)
-    pkey = {"split": key, "partition": {f: getattr(pcfg, f) for f in
-                                        PartitionConfig.__dataclass_fields__},
-            **datacache.versions("flwr-datasets", "datasets")}
-    parts = datacache.unpack_parts(datacache.cached(
-        "partition", pkey,
-        lambda: datacache.pack_parts(partition_indices(train_y, pcfg, seed, groups))))
+def _load_cached(ds: tuple, part: tuple, seed: int, augment: tuple) -> FederatedData:
+    dcfg, pcfg = DatasetConfig(*ds), PartitionConfig(*part)
+    s = _split_arrays(dcfg, seed)
+    tf = _make_transform(s, dcfg, _train_config(augment))
+    parts = _partitions(s, pcfg, seed)
     return FederatedData(
-        train=Arrays(torch.from_numpy(train_x), torch.from_numpy(train_y)),
-        test=Arrays(torch.from_numpy(test_x), torch.from_numpy(test_y)),
+        train=Arrays(_tensor(s.train_x), _tensor(s.train_y), tf),
+        test=Arrays(_tensor(s.test_x), _tensor(s.test_y), tf),
         partitions=parts,
-        input_shape=tuple(train_x.shape[1:]),
-        num_classes=num_classes,
+        input_shape=tuple(s.train_x.shape[1:]),
+        num_classes=s.num_classes,
+        pool=s.train_x if s.mapped else None,
     )
+
+
+def _train_config(augment: tuple) -> TrainConfig:
+    pad, mode, flip = augment
+    return TrainConfig(augment_crop_padding=pad, augment_pad_mode=mode, augment_flip=flip)
+
+
+def _fields(obj: Any) -> tuple:
+    return tuple(getattr(obj, f.name) for f in dataclasses.fields(obj))
 
 
 def load_federated(cfg: ExperimentConfig) -> FederatedData:
     """Load ``cfg.dataset``, split off the test set and partition the rest (cached)."""
-    d, p = cfg.dataset, cfg.partition
-    return _load_cached(
-        tuple(getattr(d, f) for f in DatasetConfig.__dataclass_fields__),
-        tuple(getattr(p, f) for f in PartitionConfig.__dataclass_fields__),
-        cfg.seed,
-    )
+    return _load_cached(_fields(cfg.dataset), _fields(cfg.partition), cfg.seed,
+                        _augment_fields(cfg.train))
 
 
 def _source(d: DatasetConfig) -> str:
     """The config key and value that name ``d``'s data in messages."""
-    if d.name == "npz":
+    if d.name in ("npz", "local"):
         return f"dataset.path: {d.path!r}"
     if d.name == "hf":
         return f"dataset.hf_name: {d.hf_name!r}"
@@ -428,9 +605,16 @@ def _source(d: DatasetConfig) -> str:
 
 
 def check_model_fit(model: str, input_shape: tuple[int, ...], num_classes: int,
-                    source: str) -> None:
+                    source: str, tokens: bool | None = None) -> None:
     """Raise DataError (one line) when ``model`` cannot take examples of ``input_shape``
-    (from ``source``, named in the message) or would be too large for them."""
+    (from ``source``, named in the message) or would be too large for them. ``tokens``:
+    whether the examples are token ids (None: not known, not checked)."""
+    if tokens is not None and tokens != requires_tokens(model):
+        raise DataError(
+            f"model: {model!r} takes token ids (text); {source} holds real-valued examples"
+            if not tokens else
+            f"model: {model!r} takes real-valued inputs; {source} holds token ids (text): "
+            "use model=char_lstm")
     if requires_image(model) and len(input_shape) != 3:
         raise DataError(f"model: {model!r} takes images (channels, height, width); {source} "
                         f"holds examples of shape {tuple(input_shape)} (use model=mlp, or store "
@@ -441,17 +625,22 @@ def check_model_fit(model: str, input_shape: tuple[int, ...], num_classes: int,
         raise DataError(f"{e}; the examples come from {source}") from None
 
 
+def _holds_tokens(a: Arrays) -> bool:
+    return a.x.dtype == torch.int64
+
+
 def prepare(cfg: ExperimentConfig) -> None:
     """Check ``cfg``'s data and model, and store the dataset split and partitions in the
     data cache (fl.datacache), so that the simulation's processes only read them.
 
     Raises DataError (one line) when the data is not usable (see the module
-    docstring: file, finite values, labels), does not fit the model, or the
-    partition cannot be made (e.g. Dirichlet(0.1) cannot give every client
-    ``partition.min_size`` examples).
+    docstring: file, columns, finite values, labels), does not fit the model, the
+    preprocessing keys do not apply to it, or the partition cannot be made (e.g.
+    Dirichlet(0.1) cannot give every client ``partition.min_size`` examples).
     """
     fd = load_federated(cfg)
-    check_model_fit(cfg.model, fd.input_shape, fd.num_classes, _source(cfg.dataset))
+    check_model_fit(cfg.model, fd.input_shape, fd.num_classes, _source(cfg.dataset),
+                    _holds_tokens(fd.train))
 
 
 def check_dataset(cfg: ExperimentConfig) -> None:
@@ -459,7 +648,8 @@ def check_dataset(cfg: ExperimentConfig) -> None:
     partitioning: what a deployed server evaluates on, and ``bonsai validate``'s check
     of a study's datasets. Raises DataError (one line)."""
     ed = load_test(cfg)
-    check_model_fit(cfg.model, ed.input_shape, ed.num_classes, _source(cfg.dataset))
+    check_model_fit(cfg.model, ed.input_shape, ed.num_classes, _source(cfg.dataset),
+                    _holds_tokens(ed.test))
 
 
 @dataclass(frozen=True)
@@ -482,10 +672,12 @@ class EvalData:
 
 
 @lru_cache(maxsize=2)
-def _load_test_cached(ds: tuple, seed: int) -> EvalData:
-    train_x, train_y, test_x, test_y, _, _ = _split_arrays(DatasetConfig(*ds), seed)
-    return EvalData(Arrays(torch.from_numpy(test_x), torch.from_numpy(test_y)),
-                    tuple(train_x.shape[1:]), int(max(train_y.max(), test_y.max()) + 1))
+def _load_test_cached(ds: tuple, seed: int, augment: tuple) -> EvalData:
+    dcfg = DatasetConfig(*ds)
+    s = _split_arrays(dcfg, seed)
+    tf = _make_transform(s, dcfg, _train_config(augment))
+    return EvalData(Arrays(_tensor(s.test_x), _tensor(s.test_y), tf),
+                    tuple(s.train_x.shape[1:]), s.num_classes)
 
 
 def load_test(cfg: ExperimentConfig) -> EvalData:
@@ -494,9 +686,7 @@ def load_test(cfg: ExperimentConfig) -> EvalData:
     The same split as :func:`load_federated`'s ``test`` (same seed); what a
     deployed server evaluates on, where the nodes bring their own data.
     """
-    d = cfg.dataset
-    return _load_test_cached(tuple(getattr(d, f) for f in DatasetConfig.__dataclass_fields__),
-                             cfg.seed)
+    return _load_test_cached(_fields(cfg.dataset), cfg.seed, _augment_fields(cfg.train))
 
 
 def node_data(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> NodeData:

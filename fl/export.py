@@ -329,8 +329,8 @@ def export_run(results_dir: str | Path, fmt: str = "torchscript", out: str | Pat
     path = Path(out) if out else Path(results_dir) / f"model{SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     example = example_input(g.small, g.input_shape)
-    test = load_test(g.cfg).test
-    x_test = test.x.numpy()
+    test = load_test(g.cfg).test  # as the model takes it (uint8 images scaled, normalised)
+    x_test = test.transform(test.x, None, train=False).numpy()
     if x_test.dtype.kind == "f":  # token ids stay integers
         x_test = x_test.astype(np.float32)
     y_test = test.y.numpy()

@@ -94,7 +94,7 @@ def check_model_input(name: str, input_shape: tuple[int, ...], num_classes: int)
                     f"{params:,} parameters; allowed: at most {MAX_PARAMETERS:,} (smaller "
                     "inputs or fewer classes)")
             model.eval()
-            model(torch.empty((1, *shape)))
+            model(example_input(model, shape))
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"model: {name!r} cannot take inputs of shape {shape} ({first})") from None

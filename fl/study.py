@@ -325,8 +325,8 @@ def validate_cells(cells: list[Cell]) -> tuple[dict[str, ExperimentConfig], dict
 
 def check_partitions(configs: Mapping[str, ExperimentConfig],
                      partitions: bool = True) -> dict[str, list[str]]:
-    """Check the data of every config whose dataset is offline (``hf`` is skipped): cell
-    id -> problem for the configs whose data is unusable (fl.data.prepare: file,
+    """Check the data of every config: cell id -> problem for the configs whose data is
+    unusable (fl.data.prepare: file, columns,
     finite values, labels, shape against the model) or whose split cannot be made
     (e.g. Dirichlet(0.1) cannot give 100 clients 2 examples each). Each distinct
     dataset, partition and seed is built once, into the data cache the runs read.
@@ -340,8 +340,8 @@ def check_partitions(configs: Mapping[str, ExperimentConfig],
     seen: dict[tuple, str | None] = {}
     bad: dict[str, list[str]] = {}
     for cid, cfg in configs.items():
-        if cfg.dataset.name == "hf":
-            continue
+        # hf datasets too: their one download and decoding happens here, before any run,
+        # and no network is one line
         key = ((repr(cfg.dataset), cfg.model, cfg.seed, repr(cfg.partition)) if partitions
                else (repr(cfg.dataset), cfg.model))  # the data checks do not depend on seed
         if key not in seen:

@@ -71,7 +71,10 @@ def train(
     """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) on ``data``.
 
     Mini-batches are drawn with a generator seeded by ``seed``: the same seed
-    gives the same batches, so a rerun reproduces the run. The objective is
+    gives the same batches, so a rerun reproduces the run. Each batch becomes the
+    model's input through ``data.transform`` (fl.transforms: uint8 images scaled and
+    normalised on ``device``, augmented with draws seeded from ``seed``; the identity
+    for data used as stored). The objective is
     cross-entropy plus FedLD's margin control when ``margin_lambda > 0``
     (fl.objectives.margin_loss); pruned entries (``masks``) never move.
     """
@@ -81,6 +84,8 @@ def train(
     dev_masks = {n: m.to(device) for n, m in masks.items()} if masks else None
     opt = make_optimizer(model, cfg, masks=dev_masks, proximal_mu=proximal_mu)
     gen = torch.Generator().manual_seed(seed)
+    transform = data.transform
+    augment = transform.generator(seed)
     x, y = data.x.to(device), data.y.to(device)
     n = len(data)
     t0 = time.perf_counter()
@@ -94,7 +99,8 @@ def train(
         for start in range(0, n, cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = margin_loss(model(x[idx]), y[idx], margin_lambda)
+            loss = margin_loss(model(transform(x[idx], augment, train=True)), y[idx],
+                               margin_lambda)
             loss.backward()
             opt.step()
             total += loss.detach().double() * len(idx)
@@ -108,11 +114,12 @@ def train(
 def evaluate(
     model: nn.Module, data: Arrays, device: torch.device, batch_size: int = 512
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``data``."""
+    """(mean cross-entropy, accuracy) of ``model`` on ``data`` (each batch through
+    ``data.transform``, without augmentation)."""
     model.to(device).eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
-        xb = data.x[start:start + batch_size].to(device)
+        xb = data.transform(data.x[start:start + batch_size].to(device), None, train=False)
         yb = data.y[start:start + batch_size].to(device)
         logits = model(xb)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))

@@ -15,6 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads: tests use local files
 _HOME = tempfile.mkdtemp(prefix="bonsai-flwr-home-")
 os.environ.setdefault("FLWR_HOME", _HOME)
 _CACHE = tempfile.mkdtemp(prefix="bonsai-data-cache-")

@@ -4,8 +4,8 @@ Besides the keys, the data is checked as ``bonsai run`` checks it (in a child
 process, fl.cli.common.check_data): an experiment's dataset, its values, labels
 and shape against the model, and its partition; a study's datasets and models
 (each distinct one once; whether every cell's partition can be made is what
-``bonsai sweep --dry-run`` tells). ``hf`` datasets need the network and are
-not checked here.
+``bonsai sweep --dry-run`` tells). An ``hf`` dataset is downloaded (once, into the
+Hugging Face cache) to be checked; without the network that is the error.
 """
 
 from __future__ import annotations
