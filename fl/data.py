@@ -245,12 +245,15 @@ def _example_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *shape) if len(shape) == 2 else tuple(shape)
 
 
-def load_npz(path: str | Path, key: str = "dataset.path") -> tuple[np.ndarray, np.ndarray]:
+def load_npz(path: str | Path, key: str = "dataset.path",
+             keep_stored: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """An .npz file with ``x`` (N, ...) real numbers and ``y`` (N,) integer labels.
 
     ``x`` comes back as finite float32 (N, H, W becomes N, 1, H, W), ``y`` as int64;
-    labels are checked by the caller (:func:`check_labels`). Raises DataError (one
-    line, naming ``key`` and the file) for anything else.
+    with ``keep_stored``, uint8 images and int64 token ids stay as they are (what
+    ``bonsai deploy split`` writes for such datasets; the batch transform scales
+    them). Labels are checked by the caller (:func:`check_labels`). Raises DataError
+    (one line, naming ``key`` and the file) for anything else.
     """
     p = Path(path)
     where = f"{key}: {str(p)!r}"
@@ -293,6 +296,8 @@ def load_npz(path: str | Path, key: str = "dataset.path") -> tuple[np.ndarray, n
         raise DataError(f"{where}: x has dtype {x.dtype}; expected real numbers")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise DataError(f"{where}: y must hold non-negative integer labels")
+    if keep_stored and x.dtype in (np.uint8, np.int64):
+        return _as_examples(x), y.astype(np.int64)
     with np.errstate(over="ignore"):  # values beyond float32's range become inf: reported
         x = x.astype(np.float32)
     check_finite(x, where)
@@ -747,24 +752,52 @@ def load_image_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
-def load_local(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """A node's own examples: ``(x, y, num_classes-or-None)`` from an .npz or image folder.
+@dataclass(frozen=True)
+class LocalData:
+    """A node's own examples as stored, its class count when declared, and the
+    per-channel statistics ``bonsai deploy split`` wrote (the pool's: every node
+    normalises as the simulation does)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def _stats_of(f: Any, where: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if "mean" not in f.files or "std" not in f.files:
+        return None, None
+    for name in ("mean", "std"):
+        _check_declared(f, name, where)
+    mean, std = np.asarray(f["mean"], np.float64), np.asarray(f["std"], np.float64)
+    if mean.ndim != 1 or mean.shape != std.shape or not np.isfinite(mean).all() \
+            or not (std > 0).all():
+        raise DataError(f"{where}: mean and std must be one finite value per channel, std > 0")
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def load_local(path: str | Path) -> LocalData:
+    """A node's own examples from an .npz or image folder.
 
     An .npz may carry a scalar ``num_classes`` (``bonsai deploy split`` writes
-    it) for nodes that lack the highest classes; an image folder's class count
-    is its number of sub-folders.
+    it) for nodes that lack the highest classes, and ``mean``/``std`` per channel
+    (written for datasets the experiment normalises); uint8 images and int64 token
+    ids stay as stored. An image folder's class count is its number of sub-folders.
     """
     p = Path(path).expanduser()
     if p.is_dir():
         x, y = load_image_folder(p)
-        return x, y, len([d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")])
+        return LocalData(x, y, len([d for d in p.iterdir()
+                                    if d.is_dir() and not d.name.startswith(".")]))
     if not p.exists():
         raise DataError(f"data-path: {str(p)!r} does not exist")
-    x, y = load_npz(p, key="data-path")
+    x, y = load_npz(p, key="data-path", keep_stored=True)
     where = f"data-path: {str(p)!r}"
     with np.load(p, allow_pickle=False) as f:
+        mean, std = _stats_of(f, where)
         if "num_classes" not in f.files:
-            return x, y, None
+            return LocalData(x, y, None, mean, std)
         try:
             _check_declared(f, "num_classes", where)
             n = f["num_classes"]
@@ -778,7 +811,7 @@ def load_local(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
     n = int(n.reshape(()))
     if len(y):
         check_labels(y, where, n)
-    return x, y, n
+    return LocalData(x, y, n, mean, std)
 
 
 #: (input_shape, num_classes) of the bundled datasets, known without loading them
@@ -825,7 +858,8 @@ def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
         A missing or unreadable path, or examples whose shape or labels do not
         fit the experiment's model; the message names ``data-path``.
     """
-    x, y, file_classes = load_local(path)
+    local = load_local(path)
+    x, y, file_classes = local.x, local.y, local.num_classes
     if len(y) == 0:
         raise DataError(f"data-path: {path!r} holds no examples")
     shape = tuple(int(s) for s in x.shape[1:])
@@ -850,5 +884,10 @@ def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
     if int(y.max()) >= classes:
         raise DataError(f"data-path: {path!r} has label {int(y.max())}; the experiment's model "
                         f"has {classes} classes (labels 0..{classes - 1})")
-    return NodeData(partition_id, Arrays(torch.from_numpy(x), torch.from_numpy(y)), shape,
-                    classes)
+    images = len(shape) == 3 and x.dtype != np.int64
+    transform = BatchTransform(
+        divisor=255.0 if x.dtype == np.uint8 else None, mean=local.mean, std=local.std,
+        crop_padding=cfg.train.augment_crop_padding if images else 0,
+        pad_mode=cfg.train.augment_pad_mode, flip=cfg.train.augment_flip and images)
+    return NodeData(partition_id, Arrays(torch.from_numpy(x), torch.from_numpy(y), transform),
+                    shape, classes)

@@ -384,3 +384,22 @@ def test_hub_dataset_offline_is_one_line(monkeypatch):
     assert line.startswith("dataset.hf_name: 'uoft-cs/cifar10' cannot be loaded from the "
                            "Hugging Face hub") and "HF_HUB_OFFLINE is set" in line
     assert "--set dataset.name=local --set dataset.path=DIR" in line
+
+
+def test_deploy_split_nodes_scale_and_normalise_as_the_simulation_does(files, tmp_path):
+    """`bonsai deploy split` of uint8 images with normalisation: each node's file keeps
+    uint8 and the pool's statistics, so a node's batches are the simulation client's."""
+    from fl.data import load_federated, node_data
+    from fl.deploy.split import write_split
+
+    exp = cfg(files["cifar"], "model=cnn", "dataset.normalize=true")
+    paths = write_split(exp, tmp_path / "nodes")
+    sim = load_federated(exp)
+    node = node_data(exp, {"data-path": str(paths[1]), "partition-id": 1})
+    assert node.data.x.dtype == torch.uint8
+    assert node.data.transform == sim.client(1).transform  # divisor 255, the pool's mean/std
+    xs, xn = sim.client(1).x, node.data.x
+    assert torch.equal(xs, xn)
+    t = node.data.transform
+    assert torch.equal(t(xn, None, train=False), sim.client(1).transform(xs, None, train=False))
+    assert t(xn, None, train=False).dtype == torch.float32

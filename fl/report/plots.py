@@ -184,7 +184,7 @@ def plot_partitions(study: StudyData, out: Path, line_axis: str | None,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 labels = load_federated(cfg).train.y.numpy()
-                part = make_partitioner(cfg.partition, cfg.seed)
+                part = make_partitioner(cfg.partition, cfg.seed, pool_size=len(labels))
                 part.dataset = Dataset.from_dict({"label": labels.tolist()})
                 n = cfg.partition.num_clients
                 shown = min(n, max_clients)
