@@ -129,8 +129,9 @@ class PartitionConfig:
     kind: str = _f("dirichlet", choices=PARTITION_KINDS,
                    doc="natural: one client per id (synthetic devices, a dataset's "
                        "partition column)")
-    num_clients: int = _f(10, lo=1, hi=100_000,
-                          doc="natural: at most the ids in the data (fewer: a seeded sample)")
+    num_clients: int = _f(10, lo=0, hi=100_000,
+                          doc="natural: at most the ids in the data (fewer: a seeded sample; "
+                              "0: one client per id, counted from the data before the run)")
     alpha: float = _f(0.5, lo=0.0, lo_open=True, doc="dirichlet, inner_dirichlet: concentration")
     classes_per_client: int = _f(2, lo=1, doc="pathological: classes per client")
     shards_per_client: int = _f(2, lo=1, doc="shard: shards per client")
@@ -441,7 +442,10 @@ def input_problem(model: str, input_shape: tuple[int, ...]) -> str | None:
 def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     p: list[str] = []
     n = cfg.partition.num_clients
-    if cfg.strategy.min_train_clients > n:
+    if n == 0 and cfg.partition.kind != "natural":
+        p.append(f"partition.num_clients: got 0; allowed: >= 1 (0, one client per id of the "
+                 f"data, needs partition.kind=natural; got {cfg.partition.kind!r})")
+    if n and cfg.strategy.min_train_clients > n:
         p.append(f"strategy.min_train_clients: got {cfg.strategy.min_train_clients}; "
                  f"allowed: <= partition.num_clients ({n})")
     if cfg.dataset.name == "synthetic" and cfg.model != "mlp":

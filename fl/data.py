@@ -384,7 +384,9 @@ def partition_indices(
     """Row indices of each client's examples, computed by a flwr-datasets partitioner.
 
     ``natural``: one client per distinct value of ``groups`` (sorted); with fewer
-    ``cfg.num_clients`` than ids, a seeded sample of the ids. Raises DataError when the
+    ``cfg.num_clients`` than ids, a seeded sample of the ids; with 0, every id (the
+    command resolves 0 to the count before the run: :func:`client_count`). Raises
+    DataError when the
     partition cannot be made or leaves a client without examples.
     """
     from datasets import Dataset
@@ -403,6 +405,8 @@ def partition_indices(
     chosen = list(range(n))
     if cfg.kind == "natural":
         ids = part.num_partitions
+        if n == 0:
+            n, chosen = ids, list(range(ids))
         if n > ids:
             raise DataError(f"partition.num_clients: got {n}; the natural split of this dataset "
                             f"has {ids} clients (allowed: 1..{ids}; fewer than {ids}: a seeded "
@@ -632,6 +636,14 @@ def check_model_fit(model: str, input_shape: tuple[int, ...], num_classes: int,
 
 def _holds_tokens(a: Arrays) -> bool:
     return a.x.dtype == torch.int64
+
+
+def client_count(cfg: ExperimentConfig) -> int:
+    """How many clients ``cfg``'s partition makes: ``partition.num_clients``, or, for
+    ``natural`` with 0, the number of ids in the data (building the partition)."""
+    if cfg.partition.num_clients:
+        return cfg.partition.num_clients
+    return len(load_federated(cfg).partitions)
 
 
 def prepare(cfg: ExperimentConfig) -> None:

@@ -22,7 +22,7 @@ from fl.results import STOPPING, RunRecorder
 from fl.tracking import start_trackers
 from fl.train import evaluate, pick_device
 from server.guard import NodeGuard
-from server.population import discover
+from server.population import FederationError, discover
 from server.rounds import run_rounds
 from strategies import build_strategy
 
@@ -85,6 +85,10 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
 
     strategy = build_strategy(cfg, model.state_dict(), fd.input_shape, fd.num_classes)
     t_discover = time.perf_counter()  # one query per node: seconds at 1000 simulated nodes
+    if cfg.partition.num_clients == 0:  # `bonsai run` resolves it before Flower starts
+        raise FederationError("partition.num_clients: got 0 (one client per id); "
+                              "`bonsai run` counts the ids first; with `flwr run`, set the "
+                              "count and --federation-config num-supernodes to it")
     members = discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout)
     strategy.set_population(members.order)
     discovery_seconds = time.perf_counter() - t_discover

@@ -403,3 +403,17 @@ def test_deploy_split_nodes_scale_and_normalise_as_the_simulation_does(files, tm
     t = node.data.transform
     assert torch.equal(t(xn, None, train=False), sim.client(1).transform(xs, None, train=False))
     assert t(xn, None, train=False).dtype == torch.float32
+
+
+def test_natural_partition_of_every_id_is_counted_before_the_run(files):
+    """partition.num_clients=0 with kind=natural: one client per writer, counted from the
+    data by the pre-run check (in its child process) and written into the config."""
+    from fl.cli.common import check_data
+
+    exp = cfg(files["femnist"], "model=cnn", "partition.kind=natural", "partition.num_clients=0",
+              "strategy.min_train_clients=1")
+    assert check_data({"run": exp}) == {}
+    assert exp.partition.num_clients == 4  # the four writers of the file
+    with pytest.raises(c.ConfigError, match="0, one client per id of the data, needs "
+                                            "partition.kind=natural"):
+        cfg(files["femnist"], "model=cnn", "partition.num_clients=0")

@@ -41,12 +41,17 @@ def load_or_fail(path: str | None, overrides: list[str]) -> ExperimentConfig | i
 
 
 def _check_data_child(partitions: bool = True) -> None:
-    """Child-process entry of :func:`check_data`: ``{id: flat config}`` as JSON on stdin,
-    ``{id: [problem, ...]}`` as the last line of stdout."""
+    """Child-process entry of :func:`check_data`: ``{id: flat config}`` as JSON on stdin;
+    ``{"problems": {id: [problem, ...]}, "clients": {id: count}}`` as the last line of
+    stdout (the count of each natural partition asked for with ``num_clients=0``)."""
+    from fl.data import client_count
     from fl.study import check_partitions
 
     configs = {cid: from_flat(flat) for cid, flat in json.loads(sys.stdin.read()).items()}
-    print(json.dumps(check_partitions(configs, partitions)))
+    bad = check_partitions(configs, partitions)
+    clients = {cid: client_count(c) for cid, c in configs.items()
+               if partitions and cid not in bad and c.partition.num_clients == 0}
+    print(json.dumps({"problems": bad, "clients": clients}))
 
 
 def check_data(configs: Mapping[str, ExperimentConfig],
@@ -55,6 +60,8 @@ def check_data(configs: Mapping[str, ExperimentConfig],
     into the data cache (fl.datacache) before anything runs: ``{id: problems}`` for the
     configs whose data is unusable or whose split cannot be made
     (fl.study.check_partitions; ``partitions=False``: the datasets and models only).
+    A natural partition asked for with ``partition.num_clients=0`` (every id) gets
+    its count written into its config here, before anything starts.
 
     Runs in a short-lived child process: ``bonsai run`` and ``bonsai sweep`` live as
     long as their runs and should not keep torch, scikit-learn and flwr-datasets
@@ -70,7 +77,10 @@ def check_data(configs: Mapping[str, ExperimentConfig],
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise RuntimeFailure("checking the data splits failed:\n" + proc.stderr[-3000:])
-    return json.loads(lines[-1])
+    found = json.loads(lines[-1])
+    for cid, count in found["clients"].items():
+        configs[cid].partition.num_clients = int(count)
+    return found["problems"]
 
 
 def print_summary(console: Console, s: dict[str, Any], seconds: float) -> None:

@@ -42,6 +42,15 @@ def run(args: argparse.Namespace) -> int:
     if cfg.resume and not args.resume:
         return fail("resume: got True; continue a run with `bonsai run FILE --resume "
                     "RESULTS_DIR` instead of setting resume")
+    t0 = time.perf_counter()
+    try:  # the data first: unusable data or a partition that cannot be made stops here;
+        # a natural partition of every id gets its client count (the config says 0)
+        with console.status("preparing the dataset split and partitions"):
+            problems = check_data({"run": cfg}).get("run")
+    except RuntimeFailure as e:
+        return fail(str(e), code=1)
+    if problems:
+        return fail(problems)
     if args.resume:
         problem = check_resume(cfg, Path(args.resume))
         if problem:
@@ -54,12 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             return fail(problem)
     interrupts.install()  # Ctrl-C and SIGTERM end the run cleanly; a second one hurries
-    t0 = time.perf_counter()
-    try:  # the split first: a partition that cannot be made stops here, exit 2
-        with console.status("preparing the dataset split and partitions"):
-            problems = check_data({"run": cfg}).get("run")
-        if problems:
-            return fail(problems)
+    try:
         summary = run_simulation(cfg, console, live=not args.quiet)
     except RunDirError as e:
         return fail(str(e))
