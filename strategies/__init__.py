@@ -50,7 +50,7 @@ def build_strategy(
         if s.name == "fedavgm":
             return SeededFedAvgM(**common, server_learning_rate=s.server_lr,
                                  server_momentum=s.server_momentum, proximal_mu=mu)
-        if mu > 0.0:  # fedprox, or fedavg with strategy.prox: FedProx is FedAvg plus mu
+        if s.name == "fedprox" or mu > 0.0:  # fedavg with strategy.prox is FedProx
             return SeededFedProx(**common, proximal_mu=mu)
         return SeededFedAvg(**common)
     model = ModelSpec(cfg.model, tuple(input_shape), num_classes)
