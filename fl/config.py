@@ -74,10 +74,15 @@ def path_component_problem(key: str, value: str) -> str | None:
 
 def _f(default: Any, *, choices: Iterable[Any] | None = None, lo: float | None = None,
        hi: float | None = None, lo_open: bool = False, doc: str = "",
-       path_component: bool = False) -> Any:
-    """A config field with its allowed values (checked by :func:`build`)."""
+       path_component: bool = False, auto: Any = None) -> Any:
+    """A config field with its allowed values (checked by :func:`build`).
+
+    ``auto``: a value outside the range that means "chosen from the other keys";
+    :func:`build` replaces it (see :func:`_resolve_auto`), so a built config never
+    holds it and config.json shows what ran.
+    """
     meta = {"choices": tuple(choices) if choices else None, "lo": lo, "hi": hi,
-            "lo_open": lo_open, "doc": doc, "path_component": path_component}
+            "lo_open": lo_open, "doc": doc, "path_component": path_component, "auto": auto}
     return field(default=default, metadata=meta)
 
 
@@ -153,9 +158,19 @@ class TrainConfig:
     augment_flip: bool = _f(False, doc="images: random horizontal flip")
 
 
+#: ``objective.margin_lambda`` that means "auto" (resolved by :func:`build`)
+AUTO_MARGIN = -1.0
+#: FedLD's margin-control weight (docs/ALGORITHMS.md §2.2), what "auto" gives under FedLD
+FEDLD_MARGIN_LAMBDA = 0.1
+
+
 @dataclass
 class ObjectiveConfig:
-    margin_lambda: float = _f(0.0, lo=0.0, doc="FedLD margin control; 0 = plain cross-entropy")
+    margin_lambda: float = _f(
+        AUTO_MARGIN, lo=0.0, auto=AUTO_MARGIN,
+        doc="FedLD margin control lambda; 0 = plain cross-entropy; -1 = auto: 0.1 when FedLD is "
+            "the strategy (strategy.name=fedld) or the aggregation (strategy.aggregation=fedld "
+            "in autoflip/random/magnitude), else 0; config.json holds the resolved value")
 
 
 @dataclass
@@ -174,7 +189,10 @@ class StrategyConfig:
     k_proportion: float = _f(0.8, lo=0.0, hi=1.0, lo_open=True,
                              doc="fedld: fraction of principal directions kept")
     eigen_eps: float = _f(1e-8, lo=0.0, doc="fedld: drop directions with s_j <= eps * s_1")
-    proximal_mu: float = _f(0.01, lo=0.0, doc="fedprox proximal term mu")
+    proximal_mu: float = _f(0.01, lo=0.0, doc="FedProx proximal term mu (fedprox, or any "
+                                               "strategy with strategy.prox=true)")
+    prox: bool = _f(False, doc="add FedProx's proximal term (mu = strategy.proximal_mu) to the "
+                               "local objective under any strategy; fedprox always has it")
     round_timeout: float = _f(600.0, lo=0.0, lo_open=True, doc="seconds to wait for replies")
 
 
@@ -195,12 +213,23 @@ class PruningConfig:
     mask_every: int = _f(2, lo=1, doc="recompute the mask every N rounds")
     guidance_decay: float = _f(0.9, lo=0.0, hi=1.0, doc="beta: G <- beta G + (1-beta) minmax(...)")
     min_units: int = _f(1, lo=1, doc="units every prunable layer keeps")
+    warmup_rounds: int = _f(0, lo=0, doc="no mask before round warmup_rounds + 1 (0 = "
+                                         "prune from round 1)")
+    start_when: str = _f("warmup", choices=("warmup", "improved"),
+                         doc="warmup: the first mask right after the warm-up; improved: after "
+                             "it, once the server's test loss fell pruning.patience rounds in "
+                             "a row. The cubic schedule runs from the first mask")
+    patience: int = _f(2, lo=1, doc="start_when=improved: rounds in a row the loss must fall")
     quantize: bool = _f(False, doc="send kept values as per-block int8")
 
 
 @dataclass
 class DiagnosticsConfig:
     decomposition_every: int = _f(0, lo=0, doc="FedLD loss decomposition every N rounds (0 = off)")
+    guidance_every: int = _f(0, lo=0, doc="guidance quality (oracle unit removals against "
+                                          "guidance, magnitude, random) every N rounds (0 = off)")
+    guidance_units: int = _f(16, lo=2, hi=4096,
+                             doc="guidance quality: units sampled per group (seeded)")
 
 
 @dataclass
@@ -308,6 +337,8 @@ def _coerce(key: str, value: Any, problems: list[str]) -> Any:
 
 def _check_range(key: str, value: Any, problems: list[str]) -> None:
     m = FIELDS[key].metadata
+    if m.get("auto") is not None and value == m["auto"]:
+        return
     if m.get("choices") and value not in m["choices"]:
         allowed = ", ".join(map(str, m["choices"]))
         problems.append(f"{key}: got {shown(value)}; allowed: {clip(allowed, 400)}")
@@ -317,11 +348,12 @@ def _check_range(key: str, value: Any, problems: list[str]) -> None:
             problems.append(f"{key}: got {shown(value)}; expected a finite number")
             return
         lo, hi = m.get("lo"), m.get("hi")
+        auto = f", or {m['auto']} (auto)" if m.get("auto") is not None else ""
         if lo is not None and (value < lo or (m.get("lo_open") and value == lo)):
             op = ">" if m.get("lo_open") else ">="
-            problems.append(f"{key}: got {shown(value)}; allowed: {op} {lo}")
+            problems.append(f"{key}: got {shown(value)}; allowed: {op} {lo}{auto}")
         elif hi is not None and value > hi:
-            problems.append(f"{key}: got {shown(value)}; allowed: <= {hi}")
+            problems.append(f"{key}: got {shown(value)}; allowed: <= {hi}{auto}")
     if m.get("path_component") and isinstance(value, str):
         problem = path_component_problem(key, value)
         if problem:
@@ -395,7 +427,29 @@ def build(values: Mapping[str, Any]) -> ExperimentConfig:
         # absolute, so that every process of the run (Ray's workers start elsewhere) and
         # the data cache's key name the same file
         cfg.dataset.path = os.path.abspath(os.path.expanduser(cfg.dataset.path))
+    _resolve_auto(cfg)
     return cfg
+
+
+def uses_fedld(cfg: ExperimentConfig) -> bool:
+    """True when FedLD is the strategy or the aggregation rule inside a pruning strategy."""
+    s = cfg.strategy
+    return s.name == "fedld" or (s.name in ("autoflip", "random", "magnitude")
+                                 and s.aggregation == "fedld")
+
+
+def _resolve_auto(cfg: ExperimentConfig) -> None:
+    """Replace "auto" values by what they mean for this config (docs/ALGORITHMS.md §2.2):
+    FedLD's margin control is on (lambda 0.1) wherever FedLD runs, unless set."""
+    if cfg.objective.margin_lambda == AUTO_MARGIN:
+        cfg.objective.margin_lambda = FEDLD_MARGIN_LAMBDA if uses_fedld(cfg) else 0.0
+
+
+def proximal_mu(cfg: ExperimentConfig) -> float:
+    """The FedProx mu the clients add (docs/ALGORITHMS.md §3): ``strategy.proximal_mu``
+    under fedprox or with ``strategy.prox``, else 0."""
+    s = cfg.strategy
+    return s.proximal_mu if (s.name == "fedprox" or s.prox) else 0.0
 
 
 #: models that take (channels, height, width) float inputs (fl.models builds them)
@@ -595,5 +649,6 @@ def describe() -> list[tuple[str, str, str]]:
         allowed = m.get("doc") or ""
         if m.get("choices"):
             allowed = " | ".join(map(str, m["choices"])) + (f"  ({m['doc']})" if m["doc"] else "")
-        rows.append((key, repr(f.default), allowed))
+        default = repr(f.default) + (" (auto)" if m.get("auto") == f.default else "")
+        rows.append((key, default, allowed))
     return rows

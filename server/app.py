@@ -22,6 +22,7 @@ from fl.results import STOPPING, RunRecorder
 from fl.tracking import start_trackers
 from fl.train import evaluate, pick_device
 from server.guard import NodeGuard
+from server.guidance_check import GuidanceCheck
 from server.population import FederationError, discover
 from server.rounds import run_rounds
 from strategies import build_strategy
@@ -101,13 +102,21 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
             strategy.set_population(members.order)
 
     train_config = ConfigRecord({contract.MARGIN_LAMBDA: cfg.objective.margin_lambda})
+    guidance_check = None
+    if cfg.diagnostics.guidance_every:
+        guidance_check = GuidanceCheck(cfg.model, fd.input_shape, fd.num_classes, fd.test,
+                                       cfg.diagnostics.guidance_every,
+                                       cfg.diagnostics.guidance_units, cfg.seed, recorder.dir)
+        if resume_from is not None:
+            guidance_check.truncate(resume_from.round)
     final = run_rounds(grid, strategy, ArrayRecord(model.state_dict()), cfg.rounds,
                        train_config, evaluate_fn, recorder, cfg.strategy.round_timeout,
                        decompose_every=cfg.diagnostics.decomposition_every,
                        resume_from=resume_from, config_json=config_json,
                        stopping=lambda: (stop is not None and stop.is_set())
                        or (recorder.dir / STOPPING).exists(),
-                       on_round_start=rejoin, partition_of=members.partition_id)
+                       on_round_start=rejoin, partition_of=members.partition_id,
+                       guidance_check=guidance_check)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     structure = strategy.structure_json()
     if structure is not None:

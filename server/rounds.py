@@ -23,6 +23,7 @@ from fl.checkpoint import save as save_checkpoint
 from fl.results import RunRecorder
 from fl.wire import message_nbytes
 from server.diagnostics import decompose_round
+from server.guidance_check import GuidanceCheck
 from strategies.base import BonsaiStrategy
 
 EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
@@ -67,6 +68,7 @@ def run_rounds(
     stopping: Callable[[], bool] = lambda: False,
     on_round_start: Callable[[int], None] | None = None,
     partition_of: Callable[[int], int | None] | None = None,
+    guidance_check: GuidanceCheck | None = None,
 ) -> ArrayRecord:
     """Run rounds up to ``num_rounds`` and record and checkpoint each; return the final
     global arrays. With ``resume_from``, continue after its round with its state.
@@ -76,6 +78,11 @@ def run_rounds(
     -> partition id), each record names its ``participants`` (the partition ids of
     the clients that replied without error: the replies handed to aggregation)
     and the ``failed`` ones (sent a message, no reply or an error), sorted.
+
+    The server's evaluation of every round (round 0: theta_0) goes to the strategy's
+    ``observe_evaluation`` (a pruning schedule may wait for the loss to fall), and,
+    when ``guidance_check`` is due, the guidance-quality diagnostic runs on the new
+    global model (its rho fields join the record).
 
     ``stopping()`` turns true when the process is being shut down. A round that
     is still open then is neither recorded nor checkpointed (RunStopped is
@@ -97,6 +104,7 @@ def run_rounds(
     else:
         phase = strategy.prepare(grid, timeout)
         first = evaluate_fn(0, arrays)
+        strategy.observe_evaluation(0, first["loss"], first["accuracy"])
         cum_bytes, cum_flops, cum_dense = phase.bytes_down + phase.bytes_up, phase.train_flops, 0
         recorder.add_round({"round": 0, **first, "seconds": round(time.perf_counter() - t0, 4),
                             "bytes_down": phase.bytes_down, "bytes_up": phase.bytes_up,
@@ -125,6 +133,9 @@ def run_rounds(
             eval_replies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
             fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
         metrics = evaluate_fn(rnd, arrays)
+        strategy.observe_evaluation(rnd, metrics["loss"], metrics["accuracy"])
+        if guidance_check is not None and guidance_check.due(rnd):
+            metrics.update(guidance_check(rnd, arrays, strategy))
         if decompose_every and rnd % decompose_every == 0 and new_arrays is not None:
             metrics.update(decompose_round(grid, strategy.client_states(), arrays, rnd,
                                            timeout))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fl.config import ExperimentConfig
+from fl.config import ExperimentConfig, proximal_mu
 from fl.contract import ARRAYS, CONFIG, NUM_EXAMPLES
 from strategies.autoflip import AutoFLIP
 from strategies.base import BonsaiStrategy, ClientState, PhaseCost
@@ -38,6 +38,7 @@ def build_strategy(
     s = cfg.strategy
     sampling = dict(seed=cfg.seed, sample_fraction=s.fraction_train,
                     evaluate_fraction=s.fraction_evaluate)
+    mu = proximal_mu(cfg)  # FedProx's term, composed with any strategy (ALGORITHMS.md §3)
     if s.name in ("fedavg", "fedavgm", "fedprox"):
         common = dict(
             fraction_train=1.0,  # SeededSampling samples; the Flower strategy addresses all
@@ -46,16 +47,16 @@ def build_strategy(
             min_available_nodes=s.min_train_clients, weighted_by_key=NUM_EXAMPLES,
             arrayrecord_key=ARRAYS, configrecord_key=CONFIG, **sampling,
         )
-        if s.name == "fedavg":
-            return SeededFedAvg(**common)
         if s.name == "fedavgm":
             return SeededFedAvgM(**common, server_learning_rate=s.server_lr,
-                                 server_momentum=s.server_momentum)
-        return SeededFedProx(**common, proximal_mu=s.proximal_mu)
+                                 server_momentum=s.server_momentum, proximal_mu=mu)
+        if s.name == "fedprox" or mu > 0.0:  # fedavg with strategy.prox is FedProx
+            return SeededFedProx(**common, proximal_mu=mu)
+        return SeededFedAvg(**common)
     model = ModelSpec(cfg.model, tuple(input_shape), num_classes)
     rule = ServerRule(aggregation=s.aggregation, server_lr=s.server_lr,
                       server_momentum=s.server_momentum, k_proportion=s.k_proportion,
-                      eigen_eps=s.eigen_eps)
+                      eigen_eps=s.eigen_eps, proximal_mu=mu)
     common = dict(model=model, initial_state=initial_state, rule=rule,
                   min_train_nodes=s.min_train_clients, **sampling)
     if s.name == "fedld":

@@ -5,8 +5,10 @@ round (configure/aggregate train and evaluate, summary). Bonsai's round loop
 (server/rounds.py) needs a few more, and every Bonsai strategy implements them:
 the population the server discovered, an optional phase before round 1
 (AutoFLIP's exploration), what a round record shows beside accuracy, the
-round's client models for the loss decomposition, checkpointable state, and the
-kept units of a pruned model. The defaults here are no-ops, so a strategy
+round's client models for the loss decomposition, checkpointable state, the
+kept units of a pruned model, the server's evaluation of each round (a pruning
+schedule may wait for it) and AutoFLIP's guidance (the guidance-quality
+diagnostic asks for it). The defaults here are no-ops, so a strategy
 overrides only what it has, the way FedProx overrides one hook of FedAvg.
 """
 
@@ -49,6 +51,16 @@ class BonsaiStrategy(Strategy):
     def prepare(self, grid: Grid, timeout: float) -> PhaseCost:
         """Run a phase before round 1 (AutoFLIP's exploration); return its cost."""
         return PhaseCost()
+
+    def observe_evaluation(self, server_round: int, loss: float, accuracy: float) -> None:
+        """The server's evaluation of the global model after ``server_round`` (0: theta_0):
+        a pruning schedule may wait for the loss to fall before it starts (§1.3)."""
+
+    def guidance_scores(self) -> Mapping[str, torch.Tensor] | None:
+        """AutoFLIP's per-entry guidance G in full-model shapes (what its mask rule ranks
+        units by, docs/ALGORITHMS.md §1.2), or None for a strategy without it (the
+        guidance-quality diagnostic asks)."""
+        return None
 
     def round_info(self) -> dict[str, Any]:
         """Fields the round record shows beside accuracy (density, FLOPs, ...)."""

@@ -55,6 +55,11 @@ __all__ = ["AGGREGATIONS", "ModelSpec", "ModelView", "ServerRule", "SparseStrate
 AGGREGATIONS = ("mean", "fedld")
 
 
+def _same(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Same names and equal tensors (a structure, or a set of masks)."""
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which registry model (fl.models) the federation trains."""
@@ -174,6 +179,9 @@ class SparseStrategy(Population):
         plan = plan_masks(self.policy.scores(self.theta, server_round), self.groups, self.theta,
                           structured_ratio=s_ratio, unstructured_ratio=u_ratio,
                           min_units=self.policy.cfg.min_units, previous=self.structure)
+        if (_same(plan.structure, self.structure) and self.weight_masks
+                and _same(plan.weight_masks, self.weight_masks)):
+            return  # nothing changed: no new version, nothing to send again (§1.3)
         self.structure, self.masks, self.weight_masks = (plan.structure, plan.masks,
                                                          plan.weight_masks)
         self.mask_version += 1
@@ -314,6 +322,13 @@ class SparseStrategy(Population):
         acc = sum(float(m[contract.EVAL_ACCURACY]) * int(m[contract.NUM_EXAMPLES])
                   for m in metrics) / max(1, total)
         return MetricRecord({contract.EVAL_ACCURACY: acc, contract.NUM_EXAMPLES: total})
+
+    def observe_evaluation(self, server_round: int, loss: float, accuracy: float) -> None:
+        if self.policy is not None:
+            self.policy.observe_evaluation(server_round, loss, accuracy)
+
+    def guidance_scores(self) -> dict[str, torch.Tensor] | None:
+        return self.policy.guidance_scores() if self.policy is not None else None
 
     def round_info(self) -> dict[str, Any]:
         """What the round record shows beside accuracy: density, units, FLOPs."""

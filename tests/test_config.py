@@ -1,5 +1,6 @@
 """Experiment config: loading, overrides, validation of every bad-input class."""
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -198,3 +199,44 @@ def test_validate_says_it_in_one_line():
     assert proc.stderr.splitlines() == [
         "bonsai: error: model: got 'lenet'; lenet needs images of at least 16x16, got 8x8 "
         "(dataset.name=digits)"]
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (("strategy.name=fedld",), 0.1),
+    (("strategy.name=autoflip", "strategy.aggregation=fedld"), 0.1),
+    (("strategy.name=random", "strategy.aggregation=fedld"), 0.1),
+    (("strategy.name=magnitude", "strategy.aggregation=fedld"), 0.1),
+    (("strategy.name=autoflip",), 0.0),
+    (("strategy.name=fedavg",), 0.0),
+    (("strategy.name=fedavg", "strategy.aggregation=fedld"), 0.0),  # no rule inside fedavg
+    (("strategy.name=fedld", "objective.margin_lambda=0"), 0.0),  # set: stays 0
+    (("strategy.name=fedld", "objective.margin_lambda=0.3"), 0.3),
+    (("strategy.name=autoflip", "objective.margin_lambda=0.2"), 0.2),
+    (("strategy.name=fedld", "objective.margin_lambda=-1"), 0.1),  # -1 is auto
+])
+def test_margin_lambda_is_on_wherever_fedld_runs_unless_set(overrides, expect):
+    """docs/ALGORITHMS.md §2.2: FedLD's margin control (0.1) is the default under FedLD."""
+    cfg = c.load(None, overrides)
+    assert cfg.objective.margin_lambda == expect
+    # config.json and the Flower run config hold the resolved value, and rebuild to it
+    assert json.loads(c.to_json(cfg))["objective"]["margin_lambda"] == expect
+    assert c.from_flat(c.to_flat(cfg)) == cfg
+
+
+def test_margin_lambda_auto_is_documented_and_other_negatives_refused():
+    (line,) = problems("objective.margin_lambda=-0.5")
+    assert line == "objective.margin_lambda: got -0.5; allowed: >= 0.0, or -1.0 (auto)"
+    row = next(r for r in c.describe() if r[0] == "objective.margin_lambda")
+    assert row[1] == "-1.0 (auto)" and "0.1 when FedLD is the strategy" in row[2]
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (("strategy.name=autoflip",), 0.0),  # the quickstart: no FedProx unless asked
+    (("strategy.name=fedprox",), 0.01),
+    (("strategy.name=fedprox", "strategy.proximal_mu=0.2"), 0.2),
+    (("strategy.name=autoflip", "strategy.prox=true"), 0.01),
+    (("strategy.name=fedld", "strategy.prox=true", "strategy.proximal_mu=0.5"), 0.5),
+    (("strategy.name=fedavg", "strategy.proximal_mu=0.5"), 0.0),
+])
+def test_proximal_mu_under_fedprox_or_with_prox(overrides, expect):
+    assert c.proximal_mu(c.load(None, overrides)) == expect

@@ -47,3 +47,46 @@ def test_policy_targets_follow_the_cubic_schedule_from_round_1():
     assert policy.targets(3) == (pytest.approx(0.4 - 0.2 / 8), pytest.approx(0.8 - 0.4 / 8))
     assert policy.targets(5) == (pytest.approx(0.4), pytest.approx(0.8))
     assert policy.targets(50) == (pytest.approx(0.4), pytest.approx(0.8))
+
+
+def test_warmup_delays_the_first_mask_and_the_schedule_runs_from_there():
+    cfg = PruningConfig(structured_ratio=0.4, unstructured_ratio=0.8, schedule_start=0.5,
+                        schedule_rounds=4, mask_every=2, warmup_rounds=3)
+    policy = MaskPolicy(cfg, prunable=[])
+    assert [r for r in range(1, 13) if policy.due(r)] == [4, 6, 8, 10, 12]
+    assert policy.targets(4) == (pytest.approx(0.2), pytest.approx(0.4))  # t = 0 at round 4
+    assert policy.targets(6) == (pytest.approx(0.4 - 0.2 / 8), pytest.approx(0.8 - 0.4 / 8))
+    assert policy.targets(8) == (pytest.approx(0.4), pytest.approx(0.8))  # T = 4 rounds later
+
+
+def _fed(policy, losses):
+    for rnd, loss in enumerate(losses):  # round 0 is theta_0's evaluation
+        policy.observe_evaluation(rnd, loss, 0.0)
+
+
+def test_improved_waits_for_the_loss_to_fall_patience_rounds_in_a_row():
+    cfg = PruningConfig(mask_every=2, schedule_rounds=4, start_when="improved", patience=2)
+    policy = MaskPolicy(cfg, prunable=[])
+    _fed(policy, [2.0, 1.9, 2.1, 1.8])  # fell, rose, fell: one in a row
+    assert policy.start_round is None and not any(policy.due(r) for r in range(1, 20))
+    policy.observe_evaluation(4, 1.7, 0.0)  # fell again: two in a row after round 4
+    assert policy.start_round == 5
+    assert [r for r in range(1, 12) if policy.due(r)] == [5, 7, 9, 11]
+    assert policy.targets(5) == (pytest.approx(0.25), pytest.approx(0.25))  # t = 0
+    assert policy.targets(9) == (pytest.approx(0.5), pytest.approx(0.5))
+    policy.observe_evaluation(5, 9.0, 0.0)  # once started, it stays started
+    assert policy.start_round == 5
+
+
+def test_improved_waits_for_the_warmup_too_and_survives_a_checkpoint():
+    cfg = PruningConfig(start_when="improved", patience=2, warmup_rounds=4)
+    policy = MaskPolicy(cfg, prunable=[])
+    _fed(policy, [2.0, 1.9, 1.8, 1.7])  # falling from round 1, but the warm-up lasts to 4
+    assert policy.start_round is None
+    resumed = MaskPolicy(cfg, prunable=[])
+    resumed.load_state_dict(policy.state_dict())
+    resumed.observe_evaluation(4, 1.6, 0.0)
+    assert resumed.start_round == 5
+    old = MaskPolicy(PruningConfig(), prunable=[])
+    old.load_state_dict({})  # a checkpoint from before the adaptive start: round 1
+    assert old.start_round == 1

@@ -223,3 +223,79 @@ def test_baseline_savings_against_hand_computed_totals(study_dir, capsys):
     assert "bytes saved" in (study_dir / "report" / "report.md").read_text()
     assert main(["report", str(study_dir), "--baseline", "strategy=zzz"]) == 2
     assert "allowed: strategy=a, strategy=b" in capsys.readouterr().err
+
+
+T_975_2DF = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def test_paired_comparison_against_hand_computed_intervals(study_dir, capsys):
+    """Per seed (same theta_0): b - a in points and b's saving; mean and the 95% t
+    interval over the 3 seeds, * when it excludes 0."""
+    for seed in (0, 1, 2):  # strategy b moves half the bytes of a, on every seed
+        path = study_dir / f"strategy=b__partition=iid__seed={seed}" / "rounds.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("\n".join(json.dumps({**r, "cum_bytes": r["cum_bytes"] // 2})
+                                  for r in recs) + "\n")
+    assert main(["report", str(study_dir), "--baseline", "strategy=a", "--no-heatmaps"]) == 0
+    (row,) = read_csv(study_dir / "report" / "paired.csv")
+    assert row["strategy"] == "b" and row["pairs"] == "3"  # seed 3 of a is unfinished
+    final = [100 * (b - a) for a, b in ((0.95, 0.80), (0.90, 0.70), (0.85, 0.60))]  # -15..-25
+    best = [100 * (b - a) for a, b in ((0.95, 0.80), (0.90, 0.70), (0.91, 0.60))]
+    for key, diffs in (("final_accuracy", final), ("best_accuracy", best)):
+        mean = sum(diffs) / 3
+        sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+        half = T_975_2DF * sd / 3 ** 0.5
+        assert float(row[f"{key}_mean"]) == pytest.approx(mean)
+        assert float(row[f"{key}_lo"]) == pytest.approx(mean - half)
+        assert float(row[f"{key}_hi"]) == pytest.approx(mean + half)
+        assert row[f"{key}_excludes_0"] == "True"
+    assert float(row["total_bytes_mean"]) == pytest.approx(0.5)
+    assert float(row["total_bytes_lo"]) == pytest.approx(0.5)  # the same saving every seed
+    assert row["total_flops_mean"] == "" and row["total_flops_lo"] == ""  # b has no FLOPs
+    md = (study_dir / "report" / "paired.md").read_text()
+    assert "| b | iid | 3 | -20.00 [-32.42, -7.58] * |" in md
+    assert "Paired against strategy=a (same seed" in (study_dir / "report" / "report.md"
+                                                       ).read_text()
+    assert "paired against strategy=a" in capsys.readouterr().out
+
+
+def test_paired_interval_that_includes_0_is_not_marked(study_dir):
+    from fl.report import load_study_dir, paired_rows
+
+    # b's final accuracy: +5, -5, +3 points against a, seed by seed
+    for seed, acc in ((0, 1.00), (1, 0.85), (2, 0.88)):
+        p = study_dir / f"strategy=b__partition=iid__seed={seed}" / "summary.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "final_accuracy": acc}))
+    (row,) = paired_rows(load_study_dir(study_dir), 0.9, "strategy", "a")
+    mean, sd = 1.0, ((4 ** 2 + 6 ** 2 + 2 ** 2) / 2) ** 0.5
+    assert row["final_accuracy_mean"] == pytest.approx(mean)
+    assert row["final_accuracy_hi"] - row["final_accuracy_mean"] == pytest.approx(
+        T_975_2DF * sd / 3 ** 0.5)
+    assert row["final_accuracy_excludes_0"] is False
+
+
+def test_guidance_quality_table(study_dir):
+    """Each run's mean rho over its checks; mean and std over seeds; guidance - magnitude
+    paired within each run."""
+    rhos = {0: [(0.6, 0.2, 0.1), (0.8, 0.4, -0.1)], 1: [(0.5, 0.1, 0.0), (0.5, 0.2, 0.2)],
+            2: [(0.9, 0.3, 0.1), (0.7, 0.4, 0.1)]}  # (guidance, magnitude, random) rounds 2, 3
+    for seed, checks in rhos.items():
+        path = study_dir / f"strategy=a__partition=iid__seed={seed}" / "rounds.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        for r, (g, m, rnd) in zip(recs[2:], checks):
+            r.update(guidance_rho=g, magnitude_rho=m, random_rho=rnd)
+        path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    assert main(["report", str(study_dir), "--no-heatmaps"]) == 0
+    (row,) = read_csv(study_dir / "report" / "guidance.csv")  # b measured nothing
+    assert row["strategy"] == "a"
+    per_run_g = [0.7, 0.5, 0.8]
+    per_run_m = [0.3, 0.15, 0.35]
+    assert float(row["guidance_rho_mean"]) == pytest.approx(2.0 / 3)
+    assert float(row["magnitude_rho_mean"]) == pytest.approx(0.8 / 3)
+    diffs = [g - m for g, m in zip(per_run_g, per_run_m)]  # 0.4, 0.35, 0.45: sd 0.05
+    assert diffs == pytest.approx([0.4, 0.35, 0.45])
+    half = T_975_2DF * 0.05 / 3 ** 0.5
+    assert float(row["guidance_minus_magnitude_mean"]) == pytest.approx(0.4)
+    assert float(row["guidance_minus_magnitude_lo"]) == pytest.approx(0.4 - half)
+    assert row["guidance_minus_magnitude_excludes_0"] == "True"
+    assert "## Guidance quality" in (study_dir / "report" / "report.md").read_text()

@@ -128,12 +128,33 @@ def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
 
 
 def test_fedld_simulation_three_rounds(tmp_path):
-    run_dir, _ = run_ok(tmp_path, "ld", ["--set", "strategy.name=fedld", "--set", "rounds=3",
-                                         "--set", "objective.margin_lambda=0.1"])
+    run_dir, _ = run_ok(tmp_path, "ld", ["--set", "strategy.name=fedld", "--set", "rounds=3"])
     rounds = read_rounds(run_dir)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[3]["accuracy"] > rounds[0]["accuracy"] + 0.3
-    assert json.loads((run_dir / "config.json").read_text())["strategy"]["name"] == "fedld"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["strategy"]["name"] == "fedld"
+    assert config["objective"]["margin_lambda"] == 0.1  # margin control on by default
+
+
+def test_guidance_diagnostic_in_a_simulation(tmp_path):
+    """docs/ALGORITHMS.md §1.5 in a real run: two rounds of AutoFLIP with the guidance
+    check after each; the records carry the three correlations, guidance.jsonl the
+    per-group samples of the CNN's three unit groups."""
+    run_dir, _ = run_ok(tmp_path, "gq", ["--set", "strategy.name=autoflip",
+                                         "--set", "diagnostics.guidance_every=1",
+                                         "--set", "diagnostics.guidance_units=8"])
+    rounds = read_rounds(run_dir)
+    for r in rounds[1:]:
+        for key in ("guidance_rho", "magnitude_rho", "random_rho"):
+            assert -1.0 <= r[key] <= 1.0, (r["round"], key)
+    assert "guidance_rho" not in rounds[0]
+    lines = [json.loads(x) for x in (run_dir / "guidance.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    for x in lines:
+        assert set(x["groups"]) == {"conv1", "conv2", "fc1"}
+        assert all(len(g["units"]) == 8 and len(g["oracle"]) == 8
+                   for g in x["groups"].values())
 
 
 RESUME = ["--set", "rounds=4", "--set", "pruning.mask_every=1", "--set",

@@ -7,7 +7,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients.app import decompose_handler, explore_handler, train_handler
@@ -16,7 +25,7 @@ from fl import contract, wire
 from fl.data import load_federated
 from fl.models import build_model
 from fl.pruning import count_flops
-from strategies import FedLD, PrunedStrategy, SeededFedAvg, build_strategy
+from strategies import AutoFLIP, FedLD, PrunedStrategy, SeededFedAvg, build_strategy
 
 NODES = [101, 102, 103]
 
@@ -163,16 +172,131 @@ def test_fedld_rounds_move_the_model_with_the_principal_gradient():
     assert not torch.equal(accs[0]["fc1.weight"], accs[2]["fc1.weight"])
 
 
-def test_margin_lambda_reaches_the_client_objective():
-    cfg, s, contexts = experiment("strategy.name=fedld", "objective.margin_lambda=0.5")
-    grid = LoopbackGrid(contexts)
-    _, replies, _ = one_round(s, grid, 1)
-    loss_margin = np.mean([r.content[contract.METRICS][contract.TRAIN_LOSS] for r in replies])
-    cfg, s, contexts = experiment("strategy.name=fedld")
+def _mean_train_loss(*overrides):
+    _, s, contexts = experiment(*overrides)
     _, replies, _ = one_round(s, LoopbackGrid(contexts), 1)
-    loss_plain = np.mean([r.content[contract.METRICS][contract.TRAIN_LOSS] for r in replies])
+    return np.mean([r.content[contract.METRICS][contract.TRAIN_LOSS] for r in replies])
+
+
+def test_margin_lambda_reaches_the_client_objective():
+    loss_margin = _mean_train_loss("strategy.name=fedld", "objective.margin_lambda=0.5")
+    loss_plain = _mean_train_loss("strategy.name=fedld", "objective.margin_lambda=0")
     # log(1 + ||softmax||_F^2) >= log(1 + B/C) > 0: the reported objective is larger
     assert loss_margin > loss_plain
+
+
+@pytest.mark.parametrize("strategy", [("strategy.name=fedld",),
+                                      ("strategy.name=random", "strategy.aggregation=fedld")])
+def test_fedld_trains_with_margin_control_unless_it_is_set(strategy):
+    """docs/ALGORITHMS.md §2.2: FedLD's clients add lambda = 0.1 unless the user sets it."""
+    auto = _mean_train_loss(*strategy)
+    assert auto == _mean_train_loss(*strategy, "objective.margin_lambda=0.1")
+    assert auto > _mean_train_loss(*strategy, "objective.margin_lambda=0")
+
+
+def test_mask_is_sent_again_only_when_it_changed():
+    """After the schedule ends the recomputed mask is the same: no new version, no bitmap,
+    no structure JSON (docs/ALGORITHMS.md §1.3)."""
+    _, s, contexts = experiment("strategy.name=random", "pruning.mask_every=1",
+                                "pruning.schedule_rounds=2", "pruning.structured_ratio=0.5")
+    grid = LoopbackGrid(contexts)
+    versions, sizes, with_structure = [], [], []
+    for rnd in range(1, 6):
+        msgs, replies, arrays = one_round(s, grid, rnd)
+        assert arrays is not None
+        versions.append(s.mask_version)
+        sizes.append(wire.message_nbytes(msgs[0].content))
+        with_structure.append(all(contract.STRUCTURE in m.content[contract.CONFIG]
+                                  for m in msgs))
+    assert versions == [1, 2, 3, 3, 3]  # rising targets at t = 0, 1; final from t = 2 = T
+    assert with_structure == [True, True, True, False, False]
+    n_prunable = sum(s.theta[n].numel() for n in s.prunable)
+    assert sizes[2] - sizes[3] >= 0.9 * n_prunable * s.density() / 8  # no bitmap in round 4
+    assert sizes[3] == sizes[4]
+
+
+@pytest.mark.parametrize("overrides, mu", [
+    (("strategy.name=autoflip",), 0.0),  # FedProx stays off unless asked
+    (("strategy.name=autoflip", "strategy.prox=true", "strategy.proximal_mu=0.3"), 0.3),
+    (("strategy.name=magnitude", "strategy.prox=true"), 0.01),
+    (("strategy.name=fedld", "strategy.prox=true", "strategy.proximal_mu=0.2"), 0.2),
+    (("strategy.name=fedprox", "strategy.proximal_mu=0.2"), 0.2),
+    (("strategy.name=fedavg", "strategy.prox=true", "strategy.proximal_mu=0.2"), 0.2),
+    (("strategy.name=fedavgm", "strategy.prox=true", "strategy.proximal_mu=0.2"), 0.2),
+    (("strategy.name=fedavg",), None),
+])
+def test_every_strategy_sends_the_proximal_mu_it_is_configured_with(overrides, mu):
+    cfg, s, contexts = experiment(*overrides)
+    grid = LoopbackGrid(contexts)
+    if isinstance(s, AutoFLIP):
+        s.prepare(grid, 60)
+    theta = ArrayRecord(build_model(cfg.model, (1, 8, 8), 10, seed=0).state_dict())
+    msgs = list(s.configure_train(1, theta, ConfigRecord({}), grid))
+    assert {m.content[contract.CONFIG].get(contract.PROXIMAL_MU) for m in msgs} == {mu}
+
+
+def _plain_sgd(model, x, y, steps, lr, mu, masks):
+    """Full-batch gradient descent on CE + mu/2 ||w - w_0||^2 in plain torch (autograd),
+    masked entries held at zero: the independent check of the client's FedProx step."""
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(steps):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = loss + mu / 2 * sum(((p - anchor[n]) ** 2).sum()
+                                   for n, p in model.named_parameters())
+        loss.backward()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                step = p.grad * masks[n] if n in masks else p.grad
+                p -= lr * step
+    return {n: p.detach() - anchor[n] for n, p in model.named_parameters()}
+
+
+def test_fedprox_term_is_added_inside_autoflip():
+    """docs/ALGORITHMS.md §3: AutoFLIP's clients train CE + mu/2 ||w - theta_g||^2 on the
+    shrunk, masked model. Their update differs from mu = 0 and equals plain autograd
+    gradient descent on that objective."""
+    from fl.data import node_data
+    from fl.pruning import shrink_model, structure_from_json
+
+    mu, lr, epochs = 2.0, 0.1, 3
+    cfg, s, contexts = experiment(
+        "strategy.name=autoflip", "strategy.prox=true", f"strategy.proximal_mu={mu}",
+        f"train.lr={lr}", "train.momentum=0", "train.batch_size=100000",
+        f"train.local_epochs={epochs}", "pruning.schedule_start=1.0")
+    grid = LoopbackGrid(contexts)
+    s.prepare(grid, 60)
+    msg = list(s.configure_train(1, ArrayRecord(), ConfigRecord({}), grid))[0]
+    conf = msg.content[contract.CONFIG]
+    assert conf[contract.PROXIMAL_MU] == mu
+    node = msg.metadata.dst_node_id
+    without = RecordDict({contract.PAYLOAD: msg.content[contract.PAYLOAD],
+                          contract.CONFIG: ConfigRecord({**dict(conf),
+                                                         contract.PROXIMAL_MU: 0.0})})
+    msg0 = Message(without, dst_node_id=node, message_type=msg.metadata.message_type)
+    state, masks = wire.decode(wire.from_record(msg.content[contract.PAYLOAD]))
+    assert masks  # a pruned, masked model
+
+    def reply_delta(m):
+        reply = train_handler(m, contexts[node])
+        delta, _ = wire.decode(wire.from_record(reply.content[contract.PAYLOAD]),
+                               known_masks=masks, known_mask_version=s.mask_version)
+        return delta
+
+    data = node_data(cfg, contexts[node].node_config).data
+    expected = {}
+    for m in (0.0, mu):
+        model = shrink_model(cfg.model, (1, 8, 8), 10, structure_from_json(
+            str(conf[contract.STRUCTURE])))
+        model.load_state_dict(state)
+        expected[m] = _plain_sgd(model, data.x, data.y, epochs, lr, m,
+                                 {n: t.float() for n, t in masks.items()})
+    got = {0.0: reply_delta(msg0), mu: reply_delta(msg)}
+    for m in (0.0, mu):
+        for name, want in expected[m].items():
+            torch.testing.assert_close(got[m][name], want, rtol=0, atol=2e-6)
+    gap = max(float((got[mu][n] - got[0.0][n]).abs().max()) for n in expected[mu])
+    assert gap > 1e-3  # the term changes the update by far more than the tolerance
 
 
 def test_baseline_builders():
@@ -183,32 +307,138 @@ def test_baseline_builders():
     assert s.rule.aggregation == "fedld"
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "autoflip"])
-def test_loss_decomposition_sums_to_the_measured_global_loss(strategy):
-    from fl.train import evaluate
-    from server.diagnostics import decompose_round
+def _loss(model, state, data):
+    """Mean cross-entropy of ``model`` with ``state`` on ``data``, in plain torch."""
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(data.x), data.y))
 
-    cfg, s, contexts = experiment(f"strategy.name={strategy}", "diagnostics.decomposition_every=1")
-    grid = LoopbackGrid(contexts)
-    s.track_client_states(True)
-    if strategy == "autoflip":
-        s.prepare(grid, 60)
-        theta = ArrayRecord(s.theta)
-    else:
-        theta = ArrayRecord(build_model("mlp", (1, 8, 8), 10, seed=0).state_dict())
-    msgs = list(s.configure_train(1, theta, ConfigRecord({}), grid))
-    replies = grid.send_and_receive(msgs)
-    arrays, _ = s.aggregate_train(1, replies)
-    d = decompose_round(grid, s.client_states(), arrays, 1, 60)
-    assert d["loss_local"] + d["loss_shift"] + d["loss_aggregation"] == pytest.approx(
-        d["loss_global"], abs=1e-12)
-    # independently: the global model's mean loss over the three clients' data
+
+@pytest.mark.parametrize("strategy", ["fedavg", "autoflip"])
+def test_each_recorded_decomposition_term_matches_its_definition(tmp_path, strategy):
+    """docs/ALGORITHMS.md §2.1, term by term: the round loop's local, distribution-shift,
+    aggregation and global losses against L_i(theta_i), L_j(theta_i) and L_j(theta_g)
+    computed here from the clients' own replies (their trained models) and data."""
+    from fl.data import node_data
+    from fl.pruning import shrink_model, structure_from_json
+    from fl.results import RunRecorder, read_rounds
+    from server.rounds import run_rounds
+
+    cfg, s, contexts = experiment(f"strategy.name={strategy}", "pruning.mask_every=1")
+    exchanges = []  # (train messages, replies) of each round
+
+    class Recording(LoopbackGrid):
+        def send_and_receive(self, messages, timeout=None):
+            replies = super().send_and_receive(messages, timeout)
+            if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+                exchanges.append((list(messages), list(replies)))
+            return replies
+
+    globals_ = {}
+
+    def evaluate_fn(rnd, arrays):
+        globals_[rnd] = arrays.to_torch_state_dict()
+        return {"accuracy": 0.5, "loss": 1.0}
+
+    theta0 = build_model(cfg.model, (1, 8, 8), 10, seed=cfg.seed).state_dict()
+    run_rounds(Recording(contexts), s, ArrayRecord(theta0), 2, ConfigRecord({}), evaluate_fn,
+               RunRecorder(tmp_path), 60, decompose_every=1)
+    records = [r for r in read_rounds(tmp_path) if r["round"] >= 1]
+    assert [r["round"] for r in records] == [1, 2]
+    data = {n: node_data(cfg, ctx.node_config).data for n, ctx in contexts.items()}
+    for rec, (msgs, replies) in zip(records, exchanges):
+        nodes = [r.metadata.src_node_id for r in replies]
+        models = []  # (model, state) of each client after local training
+        for m, r in zip(msgs, replies):
+            if strategy == "fedavg":  # the reply is the trained model itself
+                models.append((build_model(cfg.model, (1, 8, 8), 10),
+                               r.content[contract.ARRAYS].to_torch_state_dict()))
+                continue
+            # AutoFLIP: the small model sent (with a fresh mask every round here) + the update
+            small, masks = wire.decode(wire.from_record(m.content[contract.PAYLOAD]))
+            delta, _ = wire.decode(wire.from_record(r.content[contract.PAYLOAD]),
+                                   known_masks=masks, known_mask_version=rec["mask_version"])
+            structure = structure_from_json(str(m.content[contract.CONFIG][contract.STRUCTURE]))
+            models.append((shrink_model(cfg.model, (1, 8, 8), 10, structure),
+                           {n: small[n] + delta[n] for n in small}))
+        K = len(nodes)
+        L = np.array([[_loss(*models[i], data[nodes[j]]) for i in range(K)]
+                      for j in range(K)])  # L[j, i] = L_j(theta_i)
+        full = build_model(cfg.model, (1, 8, 8), 10)
+        Lg = np.array([_loss(full, globals_[rec["round"]], data[n]) for n in nodes])
+        local = np.mean([L[i, i] for i in range(K)])
+        federated = [np.mean(L[:, i]) for i in range(K)]  # L(theta_i) = mean_j L_j(theta_i)
+        expect = {"loss_local": local,
+                  "loss_shift": np.mean([federated[i] - L[i, i] for i in range(K)]),
+                  "loss_aggregation": np.mean(Lg) - np.mean(federated),
+                  "loss_global": np.mean(Lg)}
+        for key, want in expect.items():
+            assert rec[key] == pytest.approx(want, rel=1e-5, abs=1e-6), (rec["round"], key)
+        assert K == 3 and local < rec["loss_global"]  # each model fits its own data best
+
+
+def test_the_round_loop_tells_the_schedule_when_the_loss_fell(tmp_path):
+    """pruning.start_when=improved: no mask until the server's test loss has fallen
+    pruning.patience rounds in a row; the round loop reports every evaluation."""
+    from fl.results import RunRecorder, read_rounds
+    from server.rounds import run_rounds
+
+    cfg, s, contexts = experiment("strategy.name=random", "pruning.start_when=improved",
+                                  "pruning.patience=2", "pruning.mask_every=1")
+    losses = {0: 2.0, 1: 1.9, 2: 2.0, 3: 1.8, 4: 1.7, 5: 1.6, 6: 1.5}  # 2 falls in a row at 4
+    theta0 = build_model(cfg.model, (1, 8, 8), 10, seed=cfg.seed).state_dict()
+    run_rounds(LoopbackGrid(contexts), s, ArrayRecord(theta0), 6, ConfigRecord({}),
+               lambda rnd, arrays: {"accuracy": 0.5, "loss": losses[rnd]},
+               RunRecorder(tmp_path), 60)
+    rounds = [r for r in read_rounds(tmp_path) if r["round"] >= 1]
+    assert [r["mask_version"] for r in rounds] == [0, 0, 0, 0, 1, 2]
+    assert [r["density"] < 1.0 for r in rounds] == [False] * 4 + [True] * 2
+    assert s.policy.start_round == 5
+
+
+@pytest.mark.parametrize("strategy", ["autoflip", "magnitude", "fedavg"])
+def test_guidance_quality_is_recorded_every_n_rounds(tmp_path, strategy):
+    """docs/ALGORITHMS.md §1.5: the round record gets the mean rho over groups of each
+    score (guidance only where the strategy has AutoFLIP's guidance); guidance.jsonl the
+    per-group samples, which recompute to the same rho."""
+    import json
+
+    from fl.pruning.oracle import rank_correlation
+    from fl.results import RunRecorder, read_rounds
+    from server.guidance_check import GUIDANCE_JSONL, GuidanceCheck
+    from server.rounds import run_rounds
+
+    cfg, s, contexts = experiment(f"strategy.name={strategy}", "diagnostics.guidance_every=2",
+                                  "diagnostics.guidance_units=8")
     fd = load_federated(cfg)
-    model = build_model("mlp", (1, 8, 8), 10)
-    model.load_state_dict(arrays.to_torch_state_dict())
-    direct = np.mean([evaluate(model, fd.client(i), torch.device("cpu"))[0] for i in range(3)])
-    assert d["loss_global"] == pytest.approx(direct, rel=1e-9)
-    assert d["loss_local"] < d["loss_global"]  # each model fits its own data best
+    check = GuidanceCheck(cfg.model, fd.input_shape, fd.num_classes, fd.test, 2, 8, cfg.seed,
+                          tmp_path)
+    theta0 = build_model(cfg.model, (1, 8, 8), 10, seed=cfg.seed).state_dict()
+    run_rounds(LoopbackGrid(contexts), s, ArrayRecord(theta0), 4, ConfigRecord({}),
+               lambda rnd, arrays: {"accuracy": 0.5, "loss": 1.0}, RunRecorder(tmp_path), 60,
+               guidance_check=check)
+    rounds = {r["round"]: r for r in read_rounds(tmp_path)}
+    assert [r for r in rounds if "magnitude_rho" in rounds[r]] == [2, 4]
+    lines = [json.loads(x) for x in (tmp_path / GUIDANCE_JSONL).read_text().splitlines()]
+    assert [x["round"] for x in lines] == [2, 4]
+    for line in lines:
+        rec = rounds[line["round"]]
+        assert set(line["groups"]) == {"fc1", "fc2"}
+        for score in ("guidance", "magnitude", "random"):
+            rhos = [rank_correlation(g["scores"][score], g["oracle"])
+                    for g in line["groups"].values() if score in g["scores"]]
+            if strategy != "autoflip" and score == "guidance":
+                assert rhos == [] and rec["guidance_rho"] is None
+                continue
+            assert len(rhos) == 2 and rec[f"{score}_rho"] == pytest.approx(sum(rhos) / 2)
+        assert all(len(g["units"]) == 8 for g in line["groups"].values())
+    if strategy != "fedavg":  # only kept units are sampled (round 4: the last structure)
+        for name, g in lines[-1]["groups"].items():
+            assert set(g["units"]) <= set(s.structure[name].tolist()), name
+    check.truncate(2)  # a run resumed after round 2 redoes round 4
+    assert [json.loads(x)["round"] for x in (tmp_path / GUIDANCE_JSONL).read_text()
+            .splitlines()] == [2]
 
 
 def test_pruning_baselines_tighten_nested_masks():

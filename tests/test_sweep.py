@@ -339,3 +339,29 @@ def test_real_sweep_runs_one_cell_skips_the_finished_one_then_reports(tmp_path):
     assert r.returncode == 0, r.stderr
     table = (study_dir / "report" / "table.md").read_text()
     assert "\n| fedavg | 1 |" in table and "\n| fedprox | 1 | 60.00 |" in table
+
+
+def test_the_issue_16_studies_compare_what_they_say():
+    """AutoFLIP against FedAvg, random and magnitude with the guidance check on in the
+    pruned cells; FedLD against FedAvg and FedProx with the decomposition; 5 seeds."""
+    def strategies(name):
+        cells = expand(load_study(ROOT / "simulations" / f"{name}.yaml"))
+        assert {c.values["seed"] for c in cells} == {0, 1, 2, 3, 4}, name
+        return cells
+
+    cells = strategies("autoflip_hard")
+    assert {c.values["strategy.name"] for c in cells} == {"autoflip", "fedavg", "random",
+                                                          "magnitude"}
+    assert all(c.values.get("diagnostics.guidance_every", 0) > 0
+               for c in cells if c.values["strategy.name"] != "fedavg")
+    assert {c.values.get("strategy.fraction_train") for c in cells} == {None, 0.1}
+    for name in ("fedld_hard", "fedld_noniid"):
+        cells = strategies(name)
+        assert {c.values["strategy.name"] for c in cells} == {"fedld", "fedavg", "fedprox"}
+        configs, bad = validate_cells(cells)
+        assert not bad
+        assert {cfg.objective.margin_lambda for cid, cfg in configs.items()
+                if cfg.strategy.name == "fedld"} == {0.1}  # FedLD with its margin control
+        assert all(cfg.diagnostics.decomposition_every > 0 for cfg in configs.values())
+    starts = {c.values.get("pruning.start_when", "warmup") for c in strategies("autoflip_start")}
+    assert starts == {"warmup", "improved"}

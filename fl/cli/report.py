@@ -32,7 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-heatmaps", action="store_true", help="skip the label heatmaps")
     p.add_argument("--baseline", default=None, metavar="AXIS=CHOICE",
                    help="also tabulate accuracy and FLOP/byte savings against this cell "
-                        "choice, e.g. strategy=fedavg")
+                        "choice, e.g. strategy=fedavg, and the paired comparison (per seed: "
+                        "same theta_0) with 95%% intervals")
     p.set_defaults(func=run)
 
 
@@ -66,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
     print(open(out / "table.md").read(), end="")
     if res["savings"]:
         print(f"\nagainst {args.baseline}:\n{res['savings']}", end="")
+    if res["paired"]:
+        print(f"\npaired against {args.baseline} (mean [95% CI] over seeds, * excludes 0):\n"
+              f"{res['paired']}", end="")
+    if res["guidance"]:
+        print(f"\nguidance quality (Spearman rho against the oracle):\n{res['guidance']}",
+              end="")
     for note in res["notes"]:
         print(f"note: {note}")
     print(f"\n{len(study.cells)} cells, {len(res['rows'])} rows; wrote {out}/: table.md, "

@@ -63,7 +63,7 @@ def _is_number(v: Any) -> bool:
 
 #: round-record keys the report computes with: a number (or null) when present
 NUMERIC_ROUND_KEYS = ("cum_bytes", "cum_flops", "loss_local", "loss_shift", "loss_aggregation",
-                      "loss_global")
+                      "loss_global", "guidance_rho", "magnitude_rho", "random_rho")
 
 
 #: summary keys the report computes with: a number (or null) when present

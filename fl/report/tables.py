@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from fl.report.load import StudyData
-from fl.report.stats import DECOMPOSITION
+from fl.report.stats import DECOMPOSITION, GUIDANCE, PAIRED
 
-__all__ = ["BYTE_UNITS", "FLOP_UNITS", "csv_text", "decomposition_markdown", "markdown",
-           "markdown_table", "pick_unit", "savings_markdown"]
+__all__ = ["BYTE_UNITS", "FLOP_UNITS", "csv_text", "decomposition_markdown",
+           "guidance_markdown", "markdown", "markdown_table", "paired_markdown", "pick_unit",
+           "savings_markdown"]
 
 
 def markdown(head: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int) -> str:
@@ -108,6 +109,48 @@ def decomposition_markdown(study: StudyData, rows: list[dict[str, Any]]) -> str 
             for r in rows]
     return markdown([*axes, "local", "distribution shift", "aggregation", "global"], body,
                     len(axes))
+
+
+def _ci(row: dict[str, Any], prefix: str, scale: float, fmt: str, unit: str = "") -> str:
+    """``mean [lo, hi]`` of a paired difference, ``*`` when the interval excludes 0."""
+    m, lo, hi = row[f"{prefix}_mean"], row[f"{prefix}_lo"], row[f"{prefix}_hi"]
+    if m is None:
+        return "—"
+    text = f"{scale * m:{fmt}}{unit}"
+    if lo is None:
+        return text
+    mark = " *" if row[f"{prefix}_excludes_0"] else ""
+    return f"{text} [{scale * lo:{fmt}}, {scale * hi:{fmt}}]{mark}"
+
+
+_PAIRED_HEAD = {"final_accuracy": "Δ final acc. (points)", "best_accuracy": "Δ best acc. (points)",
+                "total_flops": "FLOPs saved (%)", "total_bytes": "bytes saved (%)"}
+
+
+def paired_markdown(study: StudyData, rows: list[dict[str, Any]], axis: str,
+                    baseline: str) -> str:
+    """The paired comparison: mean per-seed difference against ``axis=baseline`` with its
+    95% interval over seeds; ``*`` marks an interval that excludes 0."""
+    axes = study.group_axes
+    head = [*axes, "pairs", *(_PAIRED_HEAD[m] for m, _ in PAIRED)]
+    body = [[*(str(r[a]) for a in axes), str(r["pairs"]),
+             *(_ci(r, m, 1.0 if kind == "points" else 100.0, "+.2f" if kind == "points"
+                   else ".1f") for m, kind in PAIRED)] for r in rows]
+    return markdown(head, body, len(axes))
+
+
+def guidance_markdown(study: StudyData, rows: list[dict[str, Any]]) -> str | None:
+    """Guidance quality per group: mean ± std over seeds of each run's mean rho, and the
+    paired differences guidance - magnitude, guidance - random (95% interval, ``*``)."""
+    if not rows:
+        return None
+    axes = study.group_axes
+    body = [[*(str(r[a]) for a in axes), str(r["seeds"]),
+             *(_pm(r[f"{k}_mean"], r[f"{k}_std"], 1.0, 3) for k in GUIDANCE),
+             _ci(r, "guidance_minus_magnitude", 1.0, "+.3f"),
+             _ci(r, "guidance_minus_random", 1.0, "+.3f")] for r in rows]
+    return markdown([*axes, "seeds", "ρ guidance", "ρ magnitude", "ρ random",
+                     "guidance − magnitude", "guidance − random"], body, len(axes))
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
