@@ -20,8 +20,9 @@ from fl.data import load_test
 from fl.models import build_model
 from fl.results import STOPPING, RunRecorder
 from fl.train import evaluate, pick_device
+from server.cohorts import CohortGrid
 from server.guard import NodeGuard
-from server.population import discover
+from server.population import discover, discover_workers
 from server.rounds import run_rounds
 from strategies import build_strategy
 
@@ -79,7 +80,16 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
 
     strategy = build_strategy(cfg, model.state_dict(), fd.input_shape, fd.num_classes)
     t_discover = time.perf_counter()  # one query per node: seconds at 1000 simulated nodes
-    strategy.set_population(discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout))
+    cohorts: CohortGrid | None = None
+    extra: dict = {}
+    if cfg.simulation.cohort_size:  # a few workers train the clients (server/cohorts.py)
+        workers = discover_workers(grid, cfg.simulation.workers or None,
+                                   cfg.strategy.round_timeout)
+        grid = cohorts = CohortGrid(grid, workers, cfg.partition.num_clients)
+        strategy.set_population(cohorts.clients())
+    else:
+        strategy.set_population(discover(grid, cfg.partition.num_clients,
+                                         cfg.strategy.round_timeout))
     discovery_seconds = time.perf_counter() - t_discover
     # a node that crashed must not leave Flower's sampler waiting forever (deployment)
     grid = NodeGuard(grid, cfg.strategy.min_train_clients, cfg.strategy.round_timeout)
@@ -89,7 +99,9 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                        decompose_every=cfg.diagnostics.decomposition_every,
                        resume_from=resume_from, config_json=config_json,
                        stopping=lambda: (stop is not None and stop.is_set())
-                       or (recorder.dir / STOPPING).exists())
+                       or (recorder.dir / STOPPING).exists(), cohorts=cohorts)
+    if cohorts is not None:
+        extra = cohort_summary(cfg, cohorts, recorder.rounds)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     structure = strategy.structure_json()
     if structure is not None:
@@ -98,7 +110,21 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                                    "dataset": cfg.dataset.name,
                                    "wall_seconds": round(time.perf_counter() - t0, 2),
                                    "discovery_seconds": round(discovery_seconds, 2),
-                                   "run_dir": str(recorder.dir)})
+                                   "run_dir": str(recorder.dir), **extra})
+
+
+def cohort_summary(cfg: ExperimentConfig, cohorts: CohortGrid,
+                   rounds: list[dict]) -> dict:
+    """What summary.json says about a cohort-mode run: its workers and what the bytes
+    mean (per client, as one client per message sends them), and the packed totals."""
+    return {
+        "cohorts": {"cohort_size": cfg.simulation.cohort_size,
+                    "workers": len(cohorts.workers), "mode": cfg.simulation.cohort_mode},
+        "bytes_counted": "per client, as the one-client-per-message protocol sends them "
+                         "(what a deployment pays); packed_bytes_*: the packed messages",
+        "total_packed_bytes_down": sum(r.get("packed_bytes_down", 0) for r in rounds),
+        "total_packed_bytes_up": sum(r.get("packed_bytes_up", 0) for r in rounds),
+    }
 
 
 @app.main()
