@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from loopback import Loopback, contexts
 
-from clients.app import (
-    decompose_handler,
-    evaluate_handler,
-    explore_handler,
-    query,
-    train_handler,
-)
 from fl import config as c
 from fl import contract, packing, wire
 from fl.data import load_federated
@@ -46,33 +40,6 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def _handler(kind: str):
-    if kind == MessageType.QUERY:
-        return query
-    if kind.startswith(MessageType.EVALUATE):
-        return decompose_handler if kind.endswith(contract.DECOMPOSE_ACTION) else \
-            evaluate_handler
-    return explore_handler if kind.endswith(contract.EXPLORE_ACTION) else train_handler
-
-
-class Loopback:
-    """Delivers each message to the real ClientApp handler of its node; counts them."""
-
-    def __init__(self, contexts: dict[int, Context]):
-        self.contexts = contexts
-        self.sent: list[Message] = []
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, timeout=None):
-        out = []
-        for m in messages:
-            self.sent.append(m)
-            out.append(_handler(m.metadata.message_type)(m, self.contexts[m.metadata.dst_node_id]))
-        return out
-
-
 def experiment(*overrides, mode="sequential"):
     """(cfg, reference strategy and grid, cohort strategy and grid, worker loopback)."""
     base = [f"partition.num_clients={CLIENTS}", "strategy.min_train_clients=2", "model=cnn",
@@ -84,14 +51,8 @@ def experiment(*overrides, mode="sequential"):
     theta0 = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed).state_dict()
     ref = build_strategy(cfg, theta0, fd.input_shape, fd.num_classes)
     ref.set_population(NODE_IDS)
-    ref_grid = Loopback({n: Context(run_id=1, node_id=n, state=RecordDict(),
-                                    node_config={"partition-id": i, "num-partitions": CLIENTS},
-                                    run_config=c.to_flat(cfg))
-                         for i, n in enumerate(NODE_IDS)})
-    workers = Loopback({n: Context(run_id=1, node_id=n, state=RecordDict(),
-                                   node_config={"partition-id": i, "num-partitions": WORKERS},
-                                   run_config=c.to_flat(ccfg))
-                        for i, n in enumerate(WORKER_IDS)})
+    ref_grid = Loopback(contexts(cfg, NODE_IDS))
+    workers = Loopback(contexts(ccfg, WORKER_IDS))
     grid = CohortGrid(workers, WORKER_IDS, CLIENTS)
     coh = build_strategy(ccfg, theta0, fd.input_shape, fd.num_classes)
     coh.set_population(grid.clients())
@@ -316,11 +277,8 @@ def test_resumed_strategy_resends_masks_and_the_worker_drops_stale_versions():
 def test_discover_workers_orders_by_worker_index_and_loads_no_data():
     cfg = c.load(None, ["simulation.cohort_size=4", "partition.num_clients=6"])
     # node config of Flower's simulation: partition-id is the worker's index
-    contexts = {n: Context(run_id=1, node_id=n, state=RecordDict(),
-                           node_config={"partition-id": i, "num-partitions": 3},
-                           run_config=c.to_flat(cfg))
-                for n, i in ((70, 2), (40, 0), (90, 1))}
-    grid = Loopback(contexts)
+    by_index = contexts(cfg, [40, 90, 70])  # worker indexes 0, 1, 2
+    grid = Loopback({n: by_index[n] for n in (70, 40, 90)})  # connected in another order
     assert discover_workers(grid, None, timeout=5) == [40, 90, 70]  # count from the workers
     assert discover_workers(grid, 3, timeout=5) == [40, 90, 70]
     with pytest.raises(FederationError, match="only 3 of simulation.workers=4"):
@@ -335,8 +293,7 @@ def test_a_failed_worker_fails_its_clients_only():
     def one_fails(messages, timeout=None):
         replies = real(messages, timeout)
         bad = replies[0]
-        replies[0] = Message(__import__("flwr.app", fromlist=["Error"]).Error(
-            code=2, reason="actor died"), reply_to=messages[0])
+        replies[0] = Message(Error(code=2, reason="actor died"), reply_to=messages[0])
         assert not bad.has_error()
         return replies
 
@@ -374,3 +331,29 @@ def test_simulation_keys_and_federation_config(monkeypatch):
                       "simulation.workers=60"])
     with pytest.raises(c.ConfigError, match="simulation.cohort_mode: got 'fast'"):
         c.load(None, ["simulation.cohort_mode=fast"])
+
+
+def test_a_whole_run_in_cohort_mode_records_per_client_and_packed_bytes(tmp_path):
+    """server.app.run_experiment end to end (discovery of the workers, the CohortGrid, the
+    round loop, the summary) over loopback workers: the same rounds as one node per client,
+    and the record says what the bytes are."""
+    from loopback import run_in_process
+
+    from fl.results import read_rounds
+
+    base = [f"partition.num_clients={CLIENTS}", "rounds=2", "strategy.name=fedavg",
+            "strategy.fraction_train=0.5", "train.local_epochs=1"]
+    ref = run_in_process(c.load(None, base), tmp_path / "ref")
+    coh = run_in_process(c.load(None, [*base, "simulation.cohort_size=8",
+                                       "simulation.workers=2"]), tmp_path / "coh")
+    r_ref, r_coh = read_rounds(tmp_path / "ref"), read_rounds(tmp_path / "coh")
+    for key in ("accuracy", "loss", "train_loss", "bytes_down", "bytes_up", "train_flops",
+                "clients"):
+        assert [r.get(key) for r in r_coh] == [r.get(key) for r in r_ref], key
+    assert all(r["workers"] == 2 for r in r_coh) and "workers" not in r_ref[1]
+    for r in r_coh[1:]:  # 3 clients on 2 workers: the global model travels twice, not 3x
+        assert r["packed_bytes_down"] < r["bytes_down"] and r["packed_bytes_up"] >= r["bytes_up"]
+    assert coh["cohorts"] == {"cohort_size": 8, "workers": 2, "mode": "auto"}
+    assert "per client" in coh["bytes_counted"] and "cohorts" not in ref
+    assert coh["total_packed_bytes_down"] == sum(r.get("packed_bytes_down", 0) for r in r_coh)
+    assert coh["total_bytes_down"] == ref["total_bytes_down"]
