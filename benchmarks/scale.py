@@ -2,6 +2,17 @@
 
     python benchmarks/scale.py                        # 10, 100, 1000 clients, 3 rounds
     python benchmarks/scale.py --sizes 10 100 --rounds 5 --repeat 3
+    python benchmarks/scale.py --mode cohort --clients 1000 --repeat 2
+
+``--mode cohort`` runs Bonsai in cohort mode (``simulation.cohort_size``: a few
+worker SuperNodes, by default one per CPU core, each training its share of the
+round's clients from one message; server/cohorts.py) beside plain Flower (one
+client per message, as always) and beside a single process that trains the
+same clients one by one with a plain PyTorch loop, averages and evaluates
+(benchmarks/plain_loop.py: the compute floor without vectorisation; training
+on one thread as each simulated client), alternating, and writes benchmarks/results/scale-cohort-cpu.json with
+the ratios Bonsai / plain Flower and Bonsai / loop. Bonsai's bytes are still
+counted per client; its records add the packed messages' bytes.
 
 For each federation size N it runs, one after the other on this machine,
 (a) ``bonsai run`` as a subprocess, as a user types it (the data split and
@@ -177,7 +188,8 @@ def _measure(fn, mark: str) -> tuple[Any, MemorySampler, float]:
 
 
 # --- the two systems ------------------------------------------------------------------
-def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace,
+               cohort: bool = False) -> dict[str, Any]:
     """``bonsai run`` as a user types it (a subprocess, so its own memory counts too)."""
     import yaml
 
@@ -191,6 +203,9 @@ def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[st
         "train.batch_size": 16, "train.lr": 0.05, "train.momentum": 0.9,
         "resources.client_cpus": 1,
     }
+    if cohort:
+        study.update({"simulation.cohort_size": a.cohort_size,
+                      "simulation.workers": a.workers})
     build(study)  # a bad setting fails here, not in the subprocess
     cfg_file = work / f"{name}.yaml"
     cfg_file.write_text(yaml.safe_dump(study))
@@ -201,10 +216,36 @@ def run_bonsai(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[st
                            + proc.stderr[-3000:])
     (run_dir,) = [p for p in work.iterdir() if p.is_dir() and p.name.startswith(name)]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"seconds": [r["seconds"] for r in read_rounds(run_dir) if r["round"] > 0],
-            # asking every node its partition id before round 1 (plain Flower samples
-            # node ids at random and needs no such query)
-            "discovery_seconds": summary["discovery_seconds"]}
+    rounds = [r for r in read_rounds(run_dir) if r["round"] > 0]
+    out = {"seconds": [r["seconds"] for r in rounds],
+           # asking every node its partition id before round 1 (plain Flower samples
+           # node ids at random and needs no such query); cohort mode: every worker its index
+           "discovery_seconds": summary["discovery_seconds"]}
+    if cohort:
+        out["cohorts"] = summary["cohorts"]
+        out["bytes_per_round"] = {  # per client (the protocol's) and as packed on the way
+            k: rounds[-1][k] for k in ("bytes_down", "bytes_up", "packed_bytes_down",
+                                       "packed_bytes_up")}
+    return out
+
+
+def run_bonsai_cohort(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """``bonsai run`` in cohort mode: the same experiment on ``--workers`` worker nodes."""
+    return run_bonsai(n, data, work, a, cohort=True)
+
+
+def run_loop(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """benchmarks/plain_loop.py: the same clients trained one by one in one process."""
+    times = work / f"loop-{n}-times.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"), "--data", str(data),
+         "--clients", str(n), "--sampled", str(a.sampled), "--rounds", str(a.rounds),
+         "--epochs", str(a.epochs), "--threads", "1", "--out", str(times)],
+        cwd=str(ROOT), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"plain loop (N={n}) failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-3000:])
+    return {"seconds": json.loads(times.read_text())["round_seconds"]}
 
 
 def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -238,6 +279,7 @@ def _summary(run: dict[str, Any], sampler: MemorySampler, wall: float) -> dict[s
     return {
         "round_seconds": [round(s, 3) for s in seconds],
         **({"discovery_seconds": run["discovery_seconds"]} if "discovery_seconds" in run else {}),
+        **{k: run[k] for k in ("cohorts", "bytes_per_round") if k in run},
         "seconds_per_round": round(sum(steady) / len(steady), 3),
         "wall_seconds": round(wall, 1),
         "peak_rss_bytes": sampler.peak_rss,
@@ -253,17 +295,32 @@ def _summary(run: dict[str, Any], sampler: MemorySampler, wall: float) -> dict[s
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--mode", choices=["scale", "cohort"], default="scale",
+                   help="scale: Bonsai vs plain Flower at each size; cohort: Bonsai in cohort "
+                        "mode vs plain Flower vs a single-process loop")
+    p.add_argument("--sizes", "--clients", dest="sizes", type=int, nargs="+", default=None,
+                   help="federation sizes (default: 10 100 1000; cohort mode: 1000)")
+    p.add_argument("--cohort-size", type=int, default=64,
+                   help="cohort mode: simulation.cohort_size")
+    p.add_argument("--workers", type=int, default=0,
+                   help="cohort mode: simulation.workers (0 = bonsai run's hardware default)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sampled", type=int, default=100, help="clients per round (at most)")
     p.add_argument("--epochs", type=int, default=1, help="local epochs")
-    p.add_argument("--systems", nargs="+", default=["bonsai", "plain"],
-                   choices=["bonsai", "plain"])
+    p.add_argument("--systems", nargs="+", default=None,
+                   choices=["bonsai", "plain", "loop"],
+                   help="default: bonsai plain (cohort mode: bonsai plain loop)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per system and size, alternating; seconds per round is their "
                         "median, memory their maximum")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale-cpu.json"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/scale-cpu.json "
+                   "(cohort mode: scale-cohort-cpu.json)")
     a = p.parse_args()
+    cohort = a.mode == "cohort"
+    a.sizes = a.sizes or ([1000] if cohort else [10, 100, 1000])
+    a.systems = a.systems or (["bonsai", "plain", "loop"] if cohort else ["bonsai", "plain"])
+    a.out = a.out or str(ROOT / "benchmarks" / "results" /
+                         ("scale-cohort-cpu.json" if cohort else "scale-cpu.json"))
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
         os.environ.setdefault(k, v)
@@ -284,6 +341,14 @@ def main() -> int:
                   "local_epochs": a.epochs, "batch_size": 16, "rounds": a.rounds,
                   "client_cpus": 1, "clients_per_round": f"min(N, {a.sampled})",
                   "repeat": a.repeat},
+        "mode": a.mode,
+        **({"cohort": {"bonsai": f"simulation.cohort_size={a.cohort_size}, "
+                                 f"simulation.workers={a.workers or 'auto'} (bonsai run's "
+                                 "hardware default: one per CPU core)",
+                       "plain": "one client per message (plain Flower as always)",
+                       "loop": "benchmarks/plain_loop.py: one process, the clients one by one "
+                               "on 1 thread, FedAvg, central evaluation with torch's default "
+                               "threads (as the ServerApps)"}} if cohort else {}),
         "sizes": {},
     }
     out = Path(a.out)
@@ -301,7 +366,8 @@ def main() -> int:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in a.systems}
             for rep in range(a.repeat):  # alternate the systems: load drifts hit both
                 for system in a.systems:
-                    fn = run_bonsai if system == "bonsai" else run_plain
+                    fn = {"bonsai": run_bonsai_cohort if cohort else run_bonsai,
+                          "plain": run_plain, "loop": run_loop}[system]
                     print(f"N={n}: {system} (run {rep + 1}/{a.repeat}) ...", flush=True)
                     load = os.getloadavg()[0]
                     try:
@@ -340,6 +406,25 @@ def main() -> int:
                     "runs": rs,
                 }
             b, f = entry.get("bonsai", {}), entry.get("plain", {})
+            loop = entry.get("loop", {})
+            if cohort and "seconds_per_round" in b:
+                entry["ratios_seconds_per_round"] = {
+                    **({"plain_over_bonsai": round(f["seconds_per_round"]
+                                                   / b["seconds_per_round"], 3)}
+                       if "seconds_per_round" in f else {}),
+                    **({"bonsai_over_loop": round(b["seconds_per_round"]
+                                                  / loop["seconds_per_round"], 3)}
+                       if "seconds_per_round" in loop else {}),
+                    "targets": "plain_over_bonsai >= 2, bonsai_over_loop <= 1.3",
+                }
+                # how noisy: each system's per-run seconds per round and the load around them
+                entry["spread"] = {
+                    s: {"seconds_per_round": [r["seconds_per_round"] for r in entry[s]["runs"]
+                                              if "seconds_per_round" in r],
+                        "load_average_1min": [r["load_average_1min"] for r in entry[s]["runs"]
+                                              if "load_average_1min" in r]}
+                    for s in a.systems if s in entry}
+                print(f"  ratios: {entry['ratios_seconds_per_round']}", flush=True)
             if "seconds_per_round" in b and "seconds_per_round" in f:
                 entry["ratio_bonsai_over_plain"] = {
                     "seconds_per_round": round(b["seconds_per_round"] / f["seconds_per_round"], 3),
@@ -348,7 +433,8 @@ def main() -> int:
                 }
                 r = entry["ratio_bonsai_over_plain"]
                 print(f"  Bonsai / plain Flower: time {r['seconds_per_round']:.2f}, "
-                      f"RSS {r['peak_rss']:.2f}, PSS {r['peak_pss']:.2f} (target <= 1.10)",
+                      f"RSS {r['peak_rss']:.2f}, PSS {r['peak_pss']:.2f}"
+                      + ("" if cohort else " (target <= 1.10)"),
                       flush=True)
             result["sizes"][str(n)] = entry
             out.write_text(json.dumps(result, indent=2) + "\n")  # after every size
