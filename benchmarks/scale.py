@@ -10,8 +10,9 @@ round's clients from one message; server/cohorts.py) beside plain Flower (one
 client per message, as always) and beside a single process that trains the
 same clients one by one with a plain PyTorch loop, averages and evaluates
 (benchmarks/plain_loop.py: the compute floor without vectorisation; training
-on one thread as each simulated client), alternating, and writes benchmarks/results/scale-cohort-cpu.json with
-the ratios Bonsai / plain Flower and Bonsai / loop. Bonsai's bytes are still
+on one thread as each simulated client), alternating, and writes
+benchmarks/results/scale-cohort-cpu.json with the ratios Bonsai / plain Flower
+and Bonsai / loop. Bonsai's bytes are still
 counted per client; its records add the packed messages' bytes.
 
 For each federation size N it runs, one after the other on this machine,
