@@ -303,6 +303,8 @@ def main() -> int:
                    help="federation sizes (default: 10 100 1000; cohort mode: 1000)")
     p.add_argument("--cohort-size", type=int, default=64,
                    help="cohort mode: simulation.cohort_size")
+    p.add_argument("--threads", type=int, default=1,
+                   help="cohort mode: OMP_NUM_THREADS of every process (0 = leave unset)")
     p.add_argument("--workers", type=int, default=0,
                    help="cohort mode: simulation.workers (0 = bonsai run's hardware default)")
     p.add_argument("--rounds", type=int, default=3)
@@ -322,6 +324,11 @@ def main() -> int:
     a.systems = a.systems or (["bonsai", "plain", "loop"] if cohort else ["bonsai", "plain"])
     a.out = a.out or str(ROOT / "benchmarks" / "results" /
                          ("scale-cohort-cpu.json" if cohort else "scale-cpu.json"))
+    if cohort and a.threads:
+        # every process computes on --threads threads (the simulated clients and workers
+        # do anyway): the servers' evaluations with torch's default of one thread per core
+        # oversubscribe a shared machine, and their seconds then vary 5-fold from run to run
+        os.environ["OMP_NUM_THREADS"] = str(a.threads)
     for k, v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                  "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}.items():
         os.environ.setdefault(k, v)
@@ -343,6 +350,7 @@ def main() -> int:
                   "client_cpus": 1, "clients_per_round": f"min(N, {a.sampled})",
                   "repeat": a.repeat},
         "mode": a.mode,
+        **({"omp_num_threads": os.environ.get("OMP_NUM_THREADS")} if cohort else {}),
         **({"cohort": {"bonsai": f"simulation.cohort_size={a.cohort_size}, "
                                  f"simulation.workers={a.workers or 'auto'} (bonsai run's "
                                  "hardware default: one per CPU core)",
