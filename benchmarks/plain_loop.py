@@ -76,7 +76,7 @@ def main() -> int:
         accs.append(task.evaluate(model, xte, yte)[1])
         ends.append(time.perf_counter())
     seconds = [b - e for e, b in zip(ends, ends[1:])]
-    Path(a.out).write_text(json.dumps({"round_seconds": seconds, "accuracy": accs,
+    Path(a.out).write_text(json.dumps({"round_seconds": seconds, "accuracy": accs, "ends": ends,
                                        "train_threads": a.threads,
                                        "eval_threads": eval_threads}))
     return 0

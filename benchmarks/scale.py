@@ -13,7 +13,11 @@ same clients one by one with a plain PyTorch loop, averages and evaluates
 on one thread as each simulated client), alternating, and writes
 benchmarks/results/scale-cohort-cpu.json with the ratios Bonsai / plain Flower
 and Bonsai / loop. Bonsai's bytes are still
-counted per client; its records add the packed messages' bytes.
+counted per client; its records add the packed messages' bytes. Beside the
+seconds per round it measures the CPU seconds per round summed over every
+process of the run (user + system, from /proc, between the ends of round 1 and
+of the last round): the work a round costs, which other load on a shared
+machine disturbs far less than the wall time.
 
 For each federation size N it runs, one after the other on this machine,
 (a) ``bonsai run`` as a subprocess, as a user types it (the data split and
@@ -145,12 +149,34 @@ def _mem(pid: int) -> tuple[str, int, int] | None:
         return None
 
 
-class MemorySampler(threading.Thread):
-    """Samples the summed RSS/PSS of the run's processes (:func:`_run_pids`); keeps the peaks."""
+TICK = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, mark: str, interval: float = 0.2):
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU ticks of ``pid`` so far."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemorySampler(threading.Thread):
+    """Samples the summed RSS/PSS of the run's processes (:func:`_run_pids`); keeps the peaks.
+
+    Also the CPU seconds they have used so far (user + system, summed over every
+    process seen, a process's last sample kept after it ends) on ``perf_counter``'s
+    clock (CLOCK_MONOTONIC: the same in every process on Linux), and, when ``watch``
+    is a glob of a rounds.jsonl, the time each new round record appeared."""
+
+    def __init__(self, mark: str, interval: float = 0.2, watch: str = ""):
         super().__init__(daemon=True)
-        self.mark, self.interval = mark, interval
+        self.mark, self.interval, self.watch = mark, interval, watch
+        self.ticks: dict[int, int] = {}
+        self.cpu_timeline: list[tuple[float, float]] = []
+        self.record_times: list[float] = []
+        self._old = set(Path("/").glob(watch.lstrip("/"))) if watch else set()
         self.stop = threading.Event()
         self.peak_rss = self.peak_pss = 0
         self.peak_breakdown: dict[str, int] = {}
@@ -160,7 +186,17 @@ class MemorySampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            mems = [m for p in _run_pids(self.mark) if (m := _mem(p))]
+            pids = _run_pids(self.mark)
+            for p in pids:
+                if (t := _cpu_ticks(p)) is not None:
+                    self.ticks[p] = t
+            now = time.perf_counter()
+            self.cpu_timeline.append((now, sum(self.ticks.values()) / TICK))
+            if self.watch:
+                for f in set(Path("/").glob(self.watch.lstrip("/"))) - self._old:
+                    lines = f.read_text().count("\n")
+                    self.record_times += [now] * (lines - len(self.record_times))
+            mems = [m for p in pids if (m := _mem(p))]
             rss, pss = sum(m[1] for m in mems), sum(m[2] for m in mems)
             self.timeline.append((round(time.perf_counter() - self.t0, 2), rss))
             if rss > self.peak_rss:
@@ -173,9 +209,15 @@ class MemorySampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def _measure(fn, mark: str) -> tuple[Any, MemorySampler, float]:
+def cpu_at(sampler: MemorySampler, t: float) -> float:
+    """CPU seconds the run had used at time ``t`` (the last sample at or before it)."""
+    before = [c for when, c in sampler.cpu_timeline if when <= t]
+    return before[-1] if before else 0.0
+
+
+def _measure(fn, mark: str, watch: str = "") -> tuple[Any, MemorySampler, float]:
     os.environ[MARK] = mark
-    sampler = MemorySampler(mark)
+    sampler = MemorySampler(mark, watch=watch)
     sampler.start()
     t0 = time.perf_counter()
     try:
@@ -246,7 +288,8 @@ def run_loop(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str,
     if proc.returncode != 0:
         raise RuntimeError(f"plain loop (N={n}) failed (exit {proc.returncode}):\n"
                            + proc.stderr[-3000:])
-    return {"seconds": json.loads(times.read_text())["round_seconds"]}
+    data = json.loads(times.read_text())
+    return {"seconds": data["round_seconds"], "ends": data["ends"]}
 
 
 def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -271,13 +314,25 @@ def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str
     if not times.exists():
         tail = (log_dir / "flower.log").read_text(errors="replace").splitlines()[-20:]
         raise RuntimeError(f"plain Flower run (N={n}) failed (exit {rc_}):\n" + "\n".join(tail))
-    return {"seconds": json.loads(times.read_text())["round_seconds"]}
+    data = json.loads(times.read_text())
+    return {"seconds": data["round_seconds"], "ends": data["ends"]}
+
+
+def _cpu_per_round(ends: list[float], sampler: MemorySampler) -> float | None:
+    """CPU seconds of all the run's processes per steady round: from the end of round 1
+    to the end of the last round (``ends[r]``: when round r ended, ``ends[0]`` the
+    initial evaluation), over the rounds in between."""
+    if len(ends) < 3:
+        return None
+    return round((cpu_at(sampler, ends[-1]) - cpu_at(sampler, ends[1])) / (len(ends) - 2), 3)
 
 
 def _summary(run: dict[str, Any], sampler: MemorySampler, wall: float) -> dict[str, Any]:
     seconds = run["seconds"]
     steady = seconds[1:] or seconds
+    ends = run.get("ends") or sampler.record_times
     return {
+        "cpu_seconds_per_round": _cpu_per_round(ends, sampler),
         "round_seconds": [round(s, 3) for s in seconds],
         **({"discovery_seconds": run["discovery_seconds"]} if "discovery_seconds" in run else {}),
         **{k: run[k] for k in ("cohorts", "bytes_per_round") if k in run},
@@ -379,10 +434,12 @@ def main() -> int:
                           "plain": run_plain, "loop": run_loop}[system]
                     print(f"N={n}: {system} (run {rep + 1}/{a.repeat}) ...", flush=True)
                     load = os.getloadavg()[0]
+                    watch = (str(work / f"scale-{n}-*" / "rounds.jsonl")
+                             if system == "bonsai" else "")
                     try:
                         measured, sampler, wall = _measure(
                             lambda fn=fn, n=n, data=data: fn(n, data, work, a),
-                            uuid.uuid4().hex)
+                            uuid.uuid4().hex, watch)
                     except Exception as e:  # record and go on with the next measurement
                         runs[system].append({"error": str(e)[-2000:]})
                         print(f"  failed: {str(e)[:500]}", flush=True)
@@ -390,7 +447,8 @@ def main() -> int:
                     s = _summary(measured, sampler, wall)
                     s["load_average_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
                     runs[system].append(s)
-                    print(f"  {s['seconds_per_round']:.2f} s/round (rounds "
+                    print(f"  {s['seconds_per_round']:.2f} s/round, "
+                          f"{s['cpu_seconds_per_round']} CPU s/round (rounds "
                           f"{s['round_seconds']}), peak RSS {s['peak_rss_gib']:.2f} GiB, PSS "
                           f"{s['peak_pss_gib']:.2f} GiB, wall {s['wall_seconds']:.0f} s"
                           + (f" (discovery {s['discovery_seconds']:.1f} s)"
@@ -404,6 +462,9 @@ def main() -> int:
                 entry[system] = {
                     "seconds_per_round": round(statistics.median(
                         r["seconds_per_round"] for r in ok), 3),
+                    **({"cpu_seconds_per_round": round(statistics.median(
+                        r["cpu_seconds_per_round"] for r in ok), 3)}
+                       if all(r.get("cpu_seconds_per_round") for r in ok) else {}),
                     "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ok),
                     "peak_rss_gib": max(r["peak_rss_gib"] for r in ok),
                     "peak_pss_bytes": max(r["peak_pss_bytes"] for r in ok),
@@ -426,14 +487,27 @@ def main() -> int:
                        if "seconds_per_round" in loop else {}),
                     "targets": "plain_over_bonsai >= 2, bonsai_over_loop <= 1.3",
                 }
+                if "cpu_seconds_per_round" in b:
+                    entry["ratios_cpu_seconds_per_round"] = {
+                        f"{o}_over_bonsai" if o == "plain" else f"bonsai_over_{o}":
+                        round(x / y, 3) for o, x, y in (
+                            ("plain", f.get("cpu_seconds_per_round"),
+                             b["cpu_seconds_per_round"]),
+                            ("loop", b["cpu_seconds_per_round"],
+                             loop.get("cpu_seconds_per_round")))
+                        if x and y}
                 # how noisy: each system's per-run seconds per round and the load around them
                 entry["spread"] = {
                     s: {"seconds_per_round": [r["seconds_per_round"] for r in entry[s]["runs"]
                                               if "seconds_per_round" in r],
+                        "cpu_seconds_per_round": [r.get("cpu_seconds_per_round")
+                                                  for r in entry[s]["runs"]
+                                                  if "seconds_per_round" in r],
                         "load_average_1min": [r["load_average_1min"] for r in entry[s]["runs"]
                                               if "load_average_1min" in r]}
                     for s in a.systems if s in entry}
-                print(f"  ratios: {entry['ratios_seconds_per_round']}", flush=True)
+                print(f"  ratios: {entry['ratios_seconds_per_round']}, CPU: "
+                      f"{entry.get('ratios_cpu_seconds_per_round')}", flush=True)
             if "seconds_per_round" in b and "seconds_per_round" in f:
                 entry["ratio_bonsai_over_plain"] = {
                     "seconds_per_round": round(b["seconds_per_round"] / f["seconds_per_round"], 3),
