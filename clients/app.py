@@ -42,7 +42,7 @@ from fl.config import ExperimentConfig, from_flat
 from fl.data import NodeData, node_data
 from fl.kernels import pack_bits, unpack_bits
 from fl.models import build_model
-from fl.node import NUM_PARTITIONS, PARTITION_ID, PEAK_CUDA_MEMORY_MB, PeakMemory
+from fl.node import DATA_PATH, NUM_PARTITIONS, PARTITION_ID, PEAK_CUDA_MEMORY_MB, PeakMemory
 from fl.pruning import (
     count_flops,
     prunable_names,
@@ -73,7 +73,14 @@ def _setup(context: Context) -> tuple[ExperimentConfig, NodeData, torch.nn.Modul
 
 
 def _worker_config(context: Context) -> ExperimentConfig:
-    """A worker's config: the run config with the worker's own thread limit and device."""
+    """A worker's config: the run config with the worker's own thread limit and device.
+
+    Raises ValueError on a deployed node (one with its own ``data-path``): it is one
+    client with its own data, and must not train other clients on a central dataset.
+    """
+    if context.node_config.get(DATA_PATH):
+        raise ValueError("cohort mode (simulation.cohort_size) is for simulations; this "
+                         f"node holds its own data ({DATA_PATH}) and trains only itself")
     return node_profile(_config(tuple(sorted(context.run_config.items()))), context)
 
 
@@ -86,6 +93,7 @@ def _client_data(cfg: ExperimentConfig, client: int) -> NodeData:
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id and example count (a worker: its place)."""
     if msg.content[contract.CONFIG].get(contract.COHORT_QUERY):
+        _worker_config(context)  # a deployed node refuses to be a worker
         metrics = MetricRecord({
             contract.WORKER_INDEX: int(context.node_config.get(PARTITION_ID, 0)),
             contract.NUM_WORKERS: int(context.node_config.get(NUM_PARTITIONS, 1))})

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from loopback import Loopback, contexts
 
+from clients.app import evaluate_handler, query
 from fl import config as c
 from fl import contract, packing, wire
 from fl.data import load_federated
@@ -357,3 +358,18 @@ def test_a_whole_run_in_cohort_mode_records_per_client_and_packed_bytes(tmp_path
     assert "per client" in coh["bytes_counted"] and "cohorts" not in ref
     assert coh["total_packed_bytes_down"] == sum(r.get("packed_bytes_down", 0) for r in r_coh)
     assert coh["total_bytes_down"] == ref["total_bytes_down"]
+
+
+def test_a_deployed_node_refuses_to_be_a_worker():
+    """A node with its own data (deployment) is one client: a worker query or a packed
+    message is refused instead of training other clients on a central dataset."""
+    cfg = c.load(None, ["simulation.cohort_size=4"])
+    ctx = Context(run_id=1, node_id=5, state=RecordDict(), run_config=c.to_flat(cfg),
+                  node_config={"partition-id": 0, "data-path": "/data/node0.npz"})
+    q = Message(RecordDict({contract.CONFIG: ConfigRecord({contract.COHORT_QUERY: True})}),
+                dst_node_id=5, message_type="query")
+    with pytest.raises(ValueError, match="cohort mode .* is for simulations"):
+        query(q, ctx)
+    packed = packing.pack([(3, RecordDict({contract.CONFIG: ConfigRecord({})}))])
+    with pytest.raises(ValueError, match="data-path"):
+        evaluate_handler(Message(packed, dst_node_id=5, message_type="evaluate"), ctx)
