@@ -92,7 +92,7 @@ def _client_data(cfg: ExperimentConfig, client: int) -> NodeData:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report this node's partition id and example count (a worker: its place)."""
-    if msg.content[contract.CONFIG].get(contract.COHORT_QUERY):
+    if contract.CONFIG in msg.content and msg.content[contract.CONFIG].get(contract.COHORT_QUERY):
         _worker_config(context)  # a deployed node refuses to be a worker
         metrics = MetricRecord({
             contract.WORKER_INDEX: int(context.node_config.get(PARTITION_ID, 0)),
@@ -455,10 +455,10 @@ def _worker_each(msg: Message, context: Context,
     return Message(packing.pack(out), reply_to=msg)
 
 
-JobFn = Callable[[RecordDict, ExperimentConfig, NodeData, _Models, _Masks], _Job]
+_JobFn = Callable[[RecordDict, ExperimentConfig, NodeData, _Models, _Masks], _Job]
 
 
-def _worker_train(msg: Message, context: Context, make: JobFn) -> Message:
+def _worker_train(msg: Message, context: Context, make: _JobFn) -> Message:
     """Train every client of a packed message: their jobs grouped by architecture and
     objective, each group one fl.cohort.train_cohort call (``simulation.cohort_mode``);
     the replies carry the worker's peak memory over the message."""

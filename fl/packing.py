@@ -27,7 +27,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fl import contract
 
-__all__ = ["PackError", "is_packed", "pack", "unpack"]
+__all__ = ["Entry", "PackError", "is_packed", "pack", "unpack"]
 
 #: a client's content, or the reason it has none (a failed client in a packed reply)
 Entry = tuple[int, RecordDict | str]
