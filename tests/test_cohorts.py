@@ -290,12 +290,13 @@ def test_a_failed_worker_fails_its_clients_only():
     _, _, (coh, cg), workers, theta = experiment("strategy.name=fedavg",
                                                  "strategy.fraction_train=1.0")
     real = workers.send_and_receive
+    dead = []
 
     def one_fails(messages, timeout=None):
         replies = real(messages, timeout)
-        bad = replies[0]
+        assert len(messages) == WORKERS and not replies[0].has_error()
+        dead.append(messages[0].metadata.dst_node_id)  # its worker "crashed"
         replies[0] = Message(Error(code=2, reason="actor died"), reply_to=messages[0])
-        assert not bad.has_error()
         return replies
 
     workers.send_and_receive = one_fails
@@ -304,7 +305,8 @@ def test_a_failed_worker_fails_its_clients_only():
     failed = [r for r in replies if r.has_error()]
     assert len(replies) == CLIENTS and len(failed) == CLIENTS // WORKERS
     assert all("actor died" in r.error.reason for r in failed)
-    assert {r.metadata.src_node_id for r in failed} == {0, 2, 4}  # worker 0's clients
+    assert {r.metadata.src_node_id for r in failed} == \
+        {k for k in range(CLIENTS) if cg.worker_of(k) == dead[0]}  # that worker's clients
 
 
 def test_simulation_keys_and_federation_config(monkeypatch):
