@@ -239,6 +239,26 @@ class ResourcesConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
 
 
+#: how a worker trains its clients (fl.cohort.MODES; tests/test_cohorts.py keeps them equal)
+COHORT_MODES = ("auto", "sequential", "vectorised")
+
+
+@dataclass
+class SimulationConfig:
+    """Cohort mode (simulation only; deployment keeps one client per node): a few worker
+    SuperNodes each train many sampled clients per message (server/cohorts.py)."""
+
+    cohort_size: int = _f(0, lo=0, hi=100_000,
+                          doc="0 = one client per message; N > 0: cohort mode, at most N "
+                              "clients per vectorised cohort on a worker")
+    workers: int = _f(0, lo=0, hi=100_000,
+                      doc="cohort mode: worker SuperNodes (0 = from the hardware: one per "
+                          "CPU core, or 1/resources.client_gpus per GPU)")
+    cohort_mode: str = _f("auto", choices=COHORT_MODES,
+                          doc="cohort mode: how a worker trains its clients (auto: one after "
+                              "another on a CPU, vectorised on a GPU)")
+
+
 @dataclass
 class TrackingConfig:
     """Experiment trackers the server logs to (fl/tracking): any combination, none by
@@ -288,6 +308,7 @@ class ExperimentConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
 
 def _leaves(cls: type, prefix: str = "") -> dict[str, dataclasses.Field]:
@@ -499,6 +520,9 @@ def _cross_checks(cfg: ExperimentConfig) -> list[str]:
     if n == 0 and cfg.partition.kind != "natural":
         p.append(f"partition.num_clients: got 0; allowed: >= 1 (0, one client per id of the "
                  f"data, needs partition.kind=natural; got {cfg.partition.kind!r})")
+    if n and cfg.simulation.cohort_size and cfg.simulation.workers > n:
+        p.append(f"simulation.workers: got {cfg.simulation.workers}; allowed: <= "
+                 f"partition.num_clients ({n}) (a worker trains clients)")
     if n and cfg.strategy.min_train_clients > n:
         p.append(f"strategy.min_train_clients: got {cfg.strategy.min_train_clients}; "
                  f"allowed: <= partition.num_clients ({n})")

@@ -42,3 +42,12 @@ TRAIN_FLOPS: Final = "train-flops"
 PEAK_MEMORY_MB: Final = "peak-memory-mb"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_ACCURACY: Final = "eval-accuracy"
+
+# --- cohort mode (simulation.cohort_size > 0; fl/packing.py, server/cohorts.py) ---------
+#: config key of the discovery query in cohort mode: "answer as a worker" (no data loaded)
+COHORT_QUERY: Final = "cohort-query"
+WORKER_INDEX: Final = "worker-index"  #: worker query reply: this worker's place (0..W-1)
+NUM_WORKERS: Final = "num-workers"  #: worker query reply: workers in the federation
+#: record of a packed message: which client owns which of the records below (JSON)
+COHORT_LAYOUT: Final = "cohort-layout"
+COHORT_RECORD_PREFIX: Final = "cohort-r"  #: the packed records "cohort-r0", "cohort-r1", ...

@@ -10,6 +10,8 @@ on the way out, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -24,16 +26,46 @@ from fl.results import ROUNDS_CSV, ROUNDS_JSONL, RUN_CONFIG_TOML, STOPPING, SUMM
 from fl.rundir import prepare_run_dir
 from fl.runtime import RuntimeFailure, SimulationRuntime
 
-__all__ = ["federation_config", "run_simulation", "wait_run"]
+__all__ = ["cohort_workers", "federation_config", "run_simulation", "visible_gpus", "wait_run"]
 
 
 def federation_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Flower's federation settings for this experiment (SuperNodes and their resources)."""
+    """Flower's federation settings for this experiment (SuperNodes and their resources):
+    one SuperNode per client, or in cohort mode (``simulation.cohort_size``) one per
+    worker (:func:`cohort_workers`)."""
     return {
-        "num-supernodes": cfg.partition.num_clients,
+        "num-supernodes": (cohort_workers(cfg) if cfg.simulation.cohort_size
+                           else cfg.partition.num_clients),
         "client-resources-num-cpus": cfg.resources.client_cpus,
         "client-resources-num-gpus": cfg.resources.client_gpus,
     }
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process may use, without importing torch: CUDA_VISIBLE_DEVICES
+    when set, else the NVIDIA driver's device list."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [d.strip() for d in env.split(",") if d.strip()]
+        return len(ids) if ids and not ids[0].startswith("-") else 0
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def cohort_workers(cfg: ExperimentConfig) -> int:
+    """Worker SuperNodes of a cohort-mode simulation: ``simulation.workers`` when set,
+    else from the hardware: as many as run at once, i.e. one per ``resources.client_cpus``
+    CPU cores this process may use (what a local Ray cluster offers), and with
+    ``resources.client_gpus`` > 0 on a GPU machine 1/client_gpus per card (0.25: four
+    workers share a card) when that is fewer; at most one per client."""
+    if cfg.simulation.workers:
+        return cfg.simulation.workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = max(1, (cpus or 1) // cfg.resources.client_cpus)
+    gpus = visible_gpus() if cfg.resources.device != "cpu" else 0
+    if cfg.resources.client_gpus > 0 and gpus:
+        n = min(n, max(1, gpus * math.floor(1 / cfg.resources.client_gpus + 1e-9)))
+    return max(1, min(n, cfg.partition.num_clients))
 
 
 def run_simulation(cfg: ExperimentConfig, console: Console | None = None,

@@ -21,9 +21,10 @@ from fl.models import build_model
 from fl.results import STOPPING, RunRecorder
 from fl.tracking import start_trackers
 from fl.train import evaluate, pick_device
+from server.cohorts import CohortGrid
 from server.guard import NodeGuard
 from server.guidance_check import GuidanceCheck
-from server.population import FederationError, discover
+from server.population import FederationError, Membership, discover, discover_workers
 from server.rounds import run_rounds
 from strategies import build_strategy
 
@@ -86,19 +87,28 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
 
     strategy = build_strategy(cfg, model.state_dict(), fd.input_shape, fd.num_classes)
     t_discover = time.perf_counter()  # one query per node: seconds at 1000 simulated nodes
-    if cfg.partition.num_clients == 0:  # `bonsai run` resolves it before Flower starts
-        raise FederationError("partition.num_clients: got 0 (one client per id); "
-                              "`bonsai run` counts the ids first; with `flwr run`, set the "
-                              "count and --federation-config num-supernodes to it")
-    members = discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout)
-    strategy.set_population(members.order)
+    cohorts: CohortGrid | None = None
+    members: Membership | None = None
+    extra: dict = {}
+    if cfg.simulation.cohort_size:  # a few workers train the clients (server/cohorts.py)
+        workers = discover_workers(grid, cfg.simulation.workers or None,
+                                   cfg.strategy.round_timeout)
+        grid = cohorts = CohortGrid(grid, workers, cfg.partition.num_clients)
+        strategy.set_population(cohorts.clients())
+    else:
+        if cfg.partition.num_clients == 0:  # `bonsai run` resolves it before Flower starts
+            raise FederationError("partition.num_clients: got 0 (one client per id); "
+                                  "`bonsai run` counts the ids first; with `flwr run`, set "
+                                  "the count and --federation-config num-supernodes to it")
+        members = discover(grid, cfg.partition.num_clients, cfg.strategy.round_timeout)
+        strategy.set_population(members.order)
     discovery_seconds = time.perf_counter() - t_discover
     # a node that crashed must not leave Flower's sampler waiting forever, and a message
     # must not outlive its round (deployment)
     grid = NodeGuard(grid, cfg.strategy.min_train_clients, cfg.strategy.round_timeout)
 
     def rejoin(server_round: int) -> None:  # a node back under a new id (no node auth)
-        if members.refresh(grid, cfg.strategy.round_timeout):
+        if members is not None and members.refresh(grid, cfg.strategy.round_timeout):
             strategy.set_population(members.order)
 
     train_config = ConfigRecord({contract.MARGIN_LAMBDA: cfg.objective.margin_lambda})
@@ -115,8 +125,12 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                        resume_from=resume_from, config_json=config_json,
                        stopping=lambda: (stop is not None and stop.is_set())
                        or (recorder.dir / STOPPING).exists(),
-                       on_round_start=rejoin, partition_of=members.partition_id,
-                       guidance_check=guidance_check)
+                       on_round_start=rejoin if members is not None else None,
+                       partition_of=members.partition_id if members is not None
+                       else (lambda n: n),  # cohort mode: the pseudo node id is the partition
+                       guidance_check=guidance_check, cohorts=cohorts)
+    if cohorts is not None:
+        extra = cohort_summary(cfg, cohorts, recorder.rounds)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
     structure = strategy.structure_json()
     if structure is not None:
@@ -125,9 +139,23 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                                    "dataset": cfg.dataset.name,
                                    "wall_seconds": round(time.perf_counter() - t0, 2),
                                    "discovery_seconds": round(discovery_seconds, 2),
-                                   "run_dir": str(recorder.dir)},
+                                   "run_dir": str(recorder.dir), **extra},
                                   artifacts=[recorder.dir / "final_model.pt",
                                              recorder.dir / "structure.json"])
+
+
+def cohort_summary(cfg: ExperimentConfig, cohorts: CohortGrid,
+                   rounds: list[dict]) -> dict:
+    """What summary.json says about a cohort-mode run: its workers and what the bytes
+    mean (per client, as one client per message sends them), and the packed totals."""
+    return {
+        "cohorts": {"cohort_size": cfg.simulation.cohort_size,
+                    "workers": len(cohorts.workers), "mode": cfg.simulation.cohort_mode},
+        "bytes_counted": "per client, as the one-client-per-message protocol sends them "
+                         "(what a deployment pays); packed_bytes_*: the packed messages",
+        "total_packed_bytes_down": sum(r.get("packed_bytes_down", 0) for r in rounds),
+        "total_packed_bytes_up": sum(r.get("packed_bytes_up", 0) for r in rounds),
+    }
 
 
 @app.main()

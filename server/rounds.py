@@ -22,6 +22,7 @@ from fl.checkpoint import Checkpoint
 from fl.checkpoint import save as save_checkpoint
 from fl.results import RunRecorder
 from fl.wire import message_nbytes
+from server.cohorts import CohortGrid
 from server.diagnostics import decompose_round
 from server.guidance_check import GuidanceCheck
 from strategies.base import BonsaiStrategy
@@ -69,6 +70,7 @@ def run_rounds(
     on_round_start: Callable[[int], None] | None = None,
     partition_of: Callable[[int], int | None] | None = None,
     guidance_check: GuidanceCheck | None = None,
+    cohorts: CohortGrid | None = None,
 ) -> ArrayRecord:
     """Run rounds up to ``num_rounds`` and record and checkpoint each; return the final
     global arrays. With ``resume_from``, continue after its round with its state.
@@ -88,7 +90,23 @@ def run_rounds(
     is still open then is neither recorded nor checkpointed (RunStopped is
     raised): the clients are stopped with the server, so its failed replies are
     the shutdown's, and a resumed run must redo that round, not inherit it.
+
+    ``cohorts`` (cohort mode: the CohortGrid inside ``grid``): bytes_down/up stay
+    what the per-client messages measure (what one client per message sends); each
+    record adds ``workers`` and ``packed_bytes_down``/``packed_bytes_up``, what the
+    training exchange's packed messages measured.
     """
+
+    def packed() -> tuple[int, int]:
+        return cohorts.packed_bytes() if cohorts is not None else (0, 0)
+
+    def packed_fields(before: tuple[int, int]) -> dict[str, int]:
+        if cohorts is None:
+            return {}
+        down, up = packed()
+        return {"workers": len(cohorts.workers), "packed_bytes_down": down - before[0],
+                "packed_bytes_up": up - before[1]}
+
     t0 = time.perf_counter()
     # what plain FedAvg would move per message: the dense model (for "bytes_saved")
     dense_msg = message_nbytes(RecordDict({contract.ARRAYS: arrays}))
@@ -102,14 +120,17 @@ def run_rounds(
         start = resume_from.round + 1
         log(INFO, "resuming after round %d", resume_from.round)
     else:
+        before = packed()
         phase = strategy.prepare(grid, timeout)
+        phase_packed = packed_fields(before)
         first = evaluate_fn(0, arrays)
         strategy.observe_evaluation(0, first["loss"], first["accuracy"])
         cum_bytes, cum_flops, cum_dense = phase.bytes_down + phase.bytes_up, phase.train_flops, 0
         recorder.add_round({"round": 0, **first, "seconds": round(time.perf_counter() - t0, 4),
                             "bytes_down": phase.bytes_down, "bytes_up": phase.bytes_up,
                             "cum_bytes": cum_bytes, "train_flops": cum_flops,
-                            "cum_flops": cum_flops, "clients": phase.clients, "failures": 0})
+                            "cum_flops": cum_flops, "clients": phase.clients, "failures": 0,
+                            **phase_packed})
         start = 1
     for rnd in range(start, num_rounds + 1):
         if stopping():
@@ -119,7 +140,9 @@ def run_rounds(
             on_round_start(rnd)
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         down = _bytes(msgs)
+        before = packed()
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        round_packed = packed_fields(before)
         up = _bytes(replies)
         failures = sum(1 for r in replies if r.has_error()) + len(msgs) - len(replies)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -151,7 +174,7 @@ def run_rounds(
             "bytes_down": down, "bytes_up": up, "cum_bytes": cum_bytes,
             "bytes_saved": round(1.0 - cum_bytes / max(1, cum_dense), 6),
             "train_flops": flops, "cum_flops": cum_flops,
-            "clients": len(ok), "failures": failures,
+            "clients": len(ok), "failures": failures, **round_packed,
         }
         if partition_of is not None:
             replied = {r.metadata.src_node_id for r in ok}

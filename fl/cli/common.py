@@ -94,4 +94,10 @@ def print_summary(console: Console, s: dict[str, Any], seconds: float) -> None:
         f"{human_bytes(s.get('total_bytes_down', 0))} down, "
         f"{human_bytes(s.get('total_bytes_up', 0))} up", soft_wrap=True
     )
+    cohorts = s.get("cohorts")
+    if isinstance(cohorts, dict):
+        console.print(f"cohort mode: {cohorts.get('workers')} workers; bytes counted per "
+                      "client (packed: "
+                      f"{human_bytes(s.get('total_packed_bytes_down', 0))} down, "
+                      f"{human_bytes(s.get('total_packed_bytes_up', 0))} up)", soft_wrap=True)
     console.print(f"results: {s.get('run_dir')}", soft_wrap=True)
