@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -44,9 +45,14 @@ def venv(tmp_path_factory) -> Path:
     """A venv holding the freshly built wheel (no checkout on its path)."""
     base = tmp_path_factory.mktemp("wheel")
     dist = base / "dist"
+    # build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
+    src = base / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", "results", ".venv", ".whl",
+        ".pytest_cache", ".ruff_cache", ".hypothesis"))
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(dist), str(ROOT)], capture_output=True, text=True, timeout=600)
+         "-w", str(dist), str(src)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next(dist.glob("bonsai_fl-*.whl"))
     env_dir = base / "venv"
