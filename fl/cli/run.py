@@ -1,6 +1,6 @@
-"""``bonsai run FILE [--set KEY=VALUE ...]``: one experiment in Flower's simulation
-runtime (Ray), with a live per-round table, a results folder, and nothing left
-running afterwards."""
+"""``bonsai run FILE [--set KEY=VALUE ...] [--ray-address HOST:PORT]``: one experiment in
+Flower's simulation runtime (a private Ray, or an existing Ray cluster it joins), with a
+live per-round table, a results folder, and nothing it started left running afterwards."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from pathlib import Path
 from rich.console import Console
 
 from fl import interrupts
-from fl.cli.common import DEFAULT_EXPERIMENT, check_data, fail, load_or_fail, print_summary
+from fl.cli.common import (
+    DEFAULT_EXPERIMENT,
+    add_ray_address,
+    check_data,
+    fail,
+    load_or_fail,
+    print_summary,
+    ray_address,
+)
 from fl.rundir import RunDirError, check_resume, check_run_dir
 from fl.runtime import RuntimeFailure
+from fl.scaleout import RayTarget
 from fl.simulation import run_simulation
 
 
@@ -28,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RESULTS_DIR", default=None,
                    help="continue an interrupted run from its last checkpoint (same file and "
                         "--set overrides)")
+    add_ray_address(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         problem = check_run_dir(cfg, args.file)
         if problem:
             return fail(problem)
+    address = ray_address(args.ray_address, console)
+    if isinstance(address, int):
+        return address
     interrupts.install()  # Ctrl-C and SIGTERM end the run cleanly; a second one hurries
     t0 = time.perf_counter()
     try:  # the split first: a partition that cannot be made stops here, exit 2
@@ -57,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             problems = check_data({"run": cfg}).get("run")
         if problems:
             return fail(problems)
-        summary = run_simulation(cfg, console, live=not args.quiet)
+        summary = run_simulation(cfg, console, live=not args.quiet,
+                                 ray=RayTarget(address=address))
     except RunDirError as e:
         return fail(str(e))
     except KeyboardInterrupt as e:
