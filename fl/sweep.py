@@ -191,7 +191,7 @@ def run_study_parallel(study: Study, cells: list[Cell], configs: Mapping[str, Ex
                         free.append(slot)
                         progress.advance(cells_task)
                         continue
-                    task = progress.add_task(f"cell {i}: rounds", total=cfg.rounds)
+                    task = progress.add_task(f"cell {i} {cell.id}", total=cfg.rounds)
                     running[slot] = _Running(i, cell, run_dir, handle, task, time.perf_counter())
                 for slot, run in list(running.items()):
                     rounds = read_rounds(run.run_dir)

@@ -177,7 +177,7 @@ STUDY = {"name": "par", "base": {
     "rounds": 2, "model": "mlp", "dataset": {"name": "digits"},
     "partition": {"num_clients": 3, "kind": "iid"}, "train": {"local_epochs": 1},
     "strategy": {"name": "fedavg", "min_train_clients": 3}, "resources": {"client_cpus": 1}},
-    "grid": {"seed": [0, 1, 2]}}
+    "grid": {"seed": [0, 1]}}
 
 
 def write(tmp_path, name):
@@ -193,15 +193,17 @@ def accuracies(study_dir):
 
 @pytest.mark.slow
 def test_parallel_sweep_reproduces_the_sequential_one_and_resumes_after_sigint(tmp_path):
+    """Two cells at once, interrupted while both run, resumed, then the same study one
+    cell after another: the same per-round accuracies. (That a finished cell is skipped
+    on resume is the fake-cell tests' part: the sequential rules, which this runner
+    shares.)"""
     mark = uuid.uuid4().hex
     par, par_dir = write(tmp_path, "parallel")
     proc = bonsai(["sweep", str(par), "--parallel", "2", "--quiet"], mark)
     deadline = time.monotonic() + 400
-    # interrupt once a cell finished and another one is running
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None:  # both cells running
         cells = [d for d in par_dir.iterdir() if d.is_dir()] if par_dir.exists() else []
-        finished = [d for d in cells if (d / "summary.json").exists()]
-        if finished and len(cells) == 3:
+        if len(cells) == 2 and all(read_rounds(d) for d in cells):
             break
         time.sleep(0.3)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -211,16 +213,14 @@ def test_parallel_sweep_reproduces_the_sequential_one_and_resumes_after_sigint(t
     assert "2 cells at a time, each on a private Ray of 1 CPU" in out
     assert f"{STOPPED}; finished cells are kept" in err and "Traceback" not in err
     assert not (left := wait_gone(mark, 10.0)), left
-    finished = {d.name: (d / "summary.json").read_bytes() for d in par_dir.iterdir()
-                if (d / "summary.json").exists()}
-    assert 1 <= len(finished) < 3
+    stopped = [d.name for d in par_dir.iterdir() if (d / "STOPPING").exists()]
+    assert stopped and not any((d / "summary.json").exists() for d in par_dir.iterdir()
+                               if d.name in stopped)
 
     proc = bonsai(["sweep", str(par), "--parallel", "2", "--quiet"], mark)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
-    assert f"ran {3 - len(finished)}, skipped {len(finished)} finished earlier, failed 0" in out
-    for name, summary in finished.items():  # each cell ran to its end once
-        assert (par_dir / name / "summary.json").read_bytes() == summary
+    assert f"ran {len(stopped)}, skipped {2 - len(stopped)} finished earlier, failed 0" in out
     assert not (left := wait_gone(mark, 10.0)), left
 
     seq, seq_dir = write(tmp_path, "sequential")
@@ -228,6 +228,6 @@ def test_parallel_sweep_reproduces_the_sequential_one_and_resumes_after_sigint(t
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     got, want = accuracies(par_dir), accuracies(seq_dir)
-    assert sorted(got) == ["seed=0", "seed=1", "seed=2"]
+    assert sorted(got) == ["seed=0", "seed=1"]
     assert all(len(a) == 3 for a in got.values())  # rounds 0, 1, 2, each once
     assert got == want  # seeded: exactly the sequential sweep's
