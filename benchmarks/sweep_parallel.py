@@ -1,14 +1,17 @@
 """A study one cell at a time against N cells at a time, on this machine.
 
-    python benchmarks/sweep_parallel.py [--study smoke_study] [--parallel 2] [--set KEY=VALUE ...]
+    python benchmarks/sweep_parallel.py [--study smoke_study] [--parallel 2] [--repeat 2]
+                                        [--set KEY=VALUE ...]
 
-Runs the study twice as a user types it, into fresh folders under WORK (a temporary
-folder, or ``--work``):
+Runs the study as a user types it, one cell at a time and N at a time, ``--repeat``
+times each in the order A B B A A B ... (so a drift of the machine's load hits both
+alike), each into a fresh folder under WORK (a temporary folder, or ``--work``):
 
-    bonsai sweep WORK/seq.yaml --quiet                 (the study, output_dir WORK/seq)
-    bonsai sweep WORK/par.yaml --quiet --parallel 2    (output_dir WORK/par)
+    bonsai sweep WORK/1/sequential.yaml --quiet                (output_dir WORK/1/sequential)
+    bonsai sweep WORK/1/parallel.yaml --quiet --parallel 2     (output_dir WORK/1/parallel)
 
-and reads what they wrote: the wall time of each sweep (their ratio is the speed-up),
+and reads what they wrote: the wall time of each sweep (the speed-up is the ratio of
+the fastest of each kind: other people's work only ever adds time, and of the medians),
 each cell's seconds as the sweep printed them and the seconds its rounds took
 (``rounds.jsonl``); a cell's overhead is the difference: starting the SuperLink, Flower
 and Ray, discovering the nodes, writing results and the teardown. It checks that both
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--study", default="smoke_study", help="a study file or shipped name")
     ap.add_argument("--parallel", type=int, default=2, help="cells at a time (default 2)")
+    ap.add_argument("--repeat", type=int, default=2, help="sweeps of each kind (default 2)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="override a key in every cell (both sweeps)")
     ap.add_argument("--work", type=Path, default=None, help="keep the sweeps' folders here")
@@ -103,52 +107,71 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bonsai-sweep-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(Path(resolve(args.study, "study file")).read_text())
-    runs: dict[str, dict[str, Any]] = {}
-    for name, extra in (("sequential", []), ("parallel", ["--parallel", str(args.parallel)])):
-        study = work / f"{name}.yaml"
-        study.write_text(yaml.safe_dump({**data, "output_dir": str(work / name)},
-                                        sort_keys=False))
-        runs[name] = sweep(study, extra, args.overrides)
-        runs[name]["cells"] = rounds_of(work / name / data["name"])
+    runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "parallel": []}
+    kinds = {"sequential": [], "parallel": ["--parallel", str(args.parallel)]}
+    for i in range(args.repeat):
+        order = ["sequential", "parallel"] if i % 2 == 0 else ["parallel", "sequential"]
+        for name in order:
+            folder = work / str(i + 1)
+            folder.mkdir(parents=True, exist_ok=True)
+            study = folder / f"{name}.yaml"
+            study.write_text(yaml.safe_dump({**data, "output_dir": str(folder / name)},
+                                            sort_keys=False))
+            run = sweep(study, kinds[name], args.overrides)
+            run["cells"] = rounds_of(folder / name / data["name"])
+            runs[name].append(run)
 
-    seq, par = runs["sequential"], runs["parallel"]
-    same = {c: seq["cells"][c]["accuracy"] == par["cells"][c]["accuracy"]
-            for c in seq["cells"]}
     from fl.study import cell_dir_name
 
-    def overheads(run: dict[str, Any]) -> list[float]:
-        return [s - run["cells"][cell_dir_name(cid)]["round_seconds"]
-                for cid, s in run["cell_seconds"].items()]
+    first = runs["sequential"][0]["cells"]
+    same = all(run["cells"][c]["accuracy"] == first[c]["accuracy"]
+               for kind in runs.values() for run in kind for c in first)
 
-    per_cell = statistics.mean(seq["cell_seconds"].values())
-    overhead = statistics.mean(overheads(seq))
+    def walls(kind: str) -> list[float]:
+        return [r["wall_seconds"] for r in runs[kind]]
+
+    def cell_figures(kind: str) -> tuple[float, float]:
+        """Mean seconds per cell as printed, and mean overhead (those minus its rounds)."""
+        secs, over = [], []
+        for run in runs[kind]:
+            for cid, sec in run["cell_seconds"].items():
+                secs.append(sec)
+                over.append(sec - run["cells"][cell_dir_name(cid)]["round_seconds"])
+        return statistics.mean(secs), statistics.mean(over)
+
+    per_cell, overhead = cell_figures("sequential")
+    par_cell, par_overhead = cell_figures("parallel")
     record = {
         "benchmark": "sweep_parallel",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(torch.device("cpu")),
         "versions": {p: installed(p) for p in ("flwr", "ray", "torch")},
         "study": args.study, "overrides": args.overrides, "parallel": args.parallel,
-        "cells": len(seq["cells"]),
-        "sequential": seq, "parallel_run": par,
-        "speedup": round(seq["wall_seconds"] / par["wall_seconds"], 3),
+        "repeat": args.repeat, "cells": len(first),
+        "sequential_runs": runs["sequential"], "parallel_runs": runs["parallel"],
+        "sequential_seconds": walls("sequential"), "parallel_seconds": walls("parallel"),
+        "speedup": round(min(walls("sequential")) / min(walls("parallel")), 3),
+        "speedup_median": round(statistics.median(walls("sequential"))
+                                / statistics.median(walls("parallel")), 3),
         "per_cell_seconds": round(per_cell, 2),  # one at a time
         "per_cell_overhead_seconds": round(overhead, 2),
         "overhead_fraction": round(overhead / per_cell, 3),
-        "parallel_per_cell_seconds": round(statistics.mean(par["cell_seconds"].values()), 2),
-        "parallel_per_cell_overhead_seconds": round(statistics.mean(overheads(par)), 2),
-        "same_accuracies": all(same.values()),
+        "parallel_per_cell_seconds": round(par_cell, 2),
+        "parallel_per_cell_overhead_seconds": round(par_overhead, 2),
+        "same_accuracies": same,
         "work": str(work),
     }
     print(json.dumps({k: record[k] for k in (
-        "cells", "speedup", "per_cell_seconds", "per_cell_overhead_seconds", "overhead_fraction",
-        "parallel_per_cell_seconds", "parallel_per_cell_overhead_seconds", "same_accuracies")},
-        indent=1))
-    print(f"load average before/after: sequential {seq['load_average_before']} / "
-          f"{seq['load_average_after']}, parallel {par['load_average_before']} / "
-          f"{par['load_average_after']}")
+        "cells", "sequential_seconds", "parallel_seconds", "speedup", "speedup_median",
+        "per_cell_seconds", "per_cell_overhead_seconds", "overhead_fraction",
+        "parallel_per_cell_seconds", "parallel_per_cell_overhead_seconds",
+        "same_accuracies")}, indent=1))
+    for kind, rs in runs.items():
+        print(f"load average (1, 5, 15 min) before each {kind} sweep: "
+              + "; ".join(str([round(x, 1) for x in r["load_average_before"]]) for r in rs))
     append_record(record, "sweep-parallel", torch.device("cpu"), args.out)
-    if not record["same_accuracies"]:
-        sys.exit(f"the sweeps disagree: {same}")
+    if not same:
+        sys.exit("the sweeps disagree on some cell's per-round accuracies")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,17 @@ Ray is the distributed engine (docs/ARCHITECTURE.md, "Scale-out"); Bonsai writes
 scheduler of its own. Flower's Ray backend calls ``ray.init()`` with no address, so a
 simulation joins a cluster when ``RAY_ADDRESS`` is in the environment of the SuperLink
 that starts it (:meth:`RayTarget.environment`). A private Ray's size is Flower's
-``init-args-num-cpus`` / ``init-args-num-gpus`` simulation settings; Ray refuses those
-when it joins a cluster, so a share of a cluster is taken from the other side: each
-client asks Ray for ``share`` times its resources, so ``share`` cells fit side by side
-(:meth:`RayTarget.federation`).
+``init-args-num-cpus`` / ``init-args-num-gpus`` simulation settings
+(:meth:`RayTarget.federation`); Ray refuses those when it joins a cluster.
+
+One simulation at a time per cluster (:data:`PARALLEL_ON_CLUSTER`): Flower 1.42 sizes
+each simulation's actor pool to the cluster's total resources
+(``flwr.simulation.ray_transport.ray_actor.pool_size_from_resources``) and hands
+messages to actors Ray has not placed yet, so two simulations on one cluster each
+ask for all of it: one waits for the other to end, or, when each got part of it,
+both wait on each other's actors until the round timeout. Scaling the client
+resources does not help (the pool shrinks by the same factor and still asks for
+every CPU) and Flower's simulation config has no pool size.
 
 The ClientApp records which Ray node trained a reply (:func:`current_ray_node`, the
 ``ray-node-id`` metric of fl/contract.py); a MetricRecord holds numbers only, so
@@ -28,8 +35,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["NODE_DIGITS", "RAY_ADDRESS_ENV", "RayTarget", "address_problem",
-           "cluster_shares", "current_ray_node", "local_shares", "machine_resources",
+__all__ = ["NODE_DIGITS", "PARALLEL_ON_CLUSTER", "RAY_ADDRESS_ENV", "RayTarget",
+           "address_problem", "current_ray_node", "local_shares", "machine_resources",
            "node_label", "node_number", "reachable_problem", "resolve_address"]
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
@@ -39,6 +46,10 @@ NODE_DIGITS = 14
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):(?P<port>\d+)$")
 #: RAY_ADDRESS values with which Ray starts a new local instance instead of joining
 _LOCAL = {"", "local"}
+#: why ``bonsai sweep --parallel N`` refuses N > 1 with a cluster (the module docstring)
+PARALLEL_ON_CLUSTER = ("allowed: 1 with a Ray cluster (Flower sizes each simulation's actor "
+                       "pool to the whole cluster, so cells sharing one wait on each other's "
+                       "actors); the cluster already trains each cell's clients in parallel")
 
 # --- the place of one simulation ---------------------------------------------------------
 
@@ -51,14 +62,13 @@ class RayTarget:
     ended with it; ``num_cpus`` / ``num_gpus`` (None: all the machine has) limit it and
     ``cuda_devices`` (None: unchanged) names the cards it sees. ``address`` set: the
     simulation joins that cluster and ends only its own driver, whose actors Ray ends
-    with it; ``share`` cells of a sweep use the cluster at once.
+    with it.
     """
 
     address: str | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
     cuda_devices: str | None = None
-    share: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RayTarget:
@@ -71,8 +81,8 @@ class RayTarget:
 
     def federation(self, fed: Mapping[str, Any]) -> dict[str, Any]:
         """Flower's federation settings (fl.simulation.federation_config) for this place:
-        a private Ray's size (``init-args-num-*``: never less than one client needs), or
-        on a shared cluster each client's resources times ``share``."""
+        a private Ray's size (``init-args-num-*``, never less than one client needs);
+        unchanged on a cluster (Ray refuses a size for a driver that joins one)."""
         out = dict(fed)
         if self.address is None:
             if self.num_cpus is not None:
@@ -80,10 +90,6 @@ class RayTarget:
                 out["init-args-num-cpus"] = max(self.num_cpus, need)
             if self.num_gpus is not None:
                 out["init-args-num-gpus"] = self.num_gpus
-        elif self.share > 1:
-            for key in ("client-resources-num-cpus", "client-resources-num-gpus"):
-                if out.get(key):
-                    out[key] = out[key] * self.share
         return out
 
     def environment(self, env: Mapping[str, str]) -> dict[str, str]:
@@ -101,9 +107,7 @@ class RayTarget:
     def describe(self) -> str:
         """A few words for the console."""
         if self.address is not None:
-            return f"the Ray cluster at {self.address}" + (
-                f" (1/{self.share} of it: each client asks for {self.share}x its resources)"
-                if self.share > 1 else "")
+            return f"the Ray cluster at {self.address}"
         if self.num_cpus is None and self.num_gpus is None:
             return "a private Ray on this machine"
         gpus = f", GPU {self.cuda_devices}" if self.cuda_devices else ""
@@ -202,13 +206,6 @@ def local_shares(n: int, cpus: int, gpus: list[str]) -> list[RayTarget]:
         out.append(RayTarget(num_cpus=per_cpu, num_gpus=len(mine),
                              cuda_devices=",".join(mine) if gpus else None))
     return out
-
-
-def cluster_shares(n: int, address: str) -> list[RayTarget]:
-    """``n`` simulations on one cluster, each asking Ray for ``n`` times its clients'
-    resources (Ray refuses a size for a driver that joins a cluster; without this the
-    first cell's actors would take every CPU and the others' would wait for it to end)."""
-    return [RayTarget(address=address, share=n) for _ in range(n)]
 
 
 # --- which node trained a reply -----------------------------------------------------------

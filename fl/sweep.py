@@ -5,8 +5,8 @@ on disk: fl/study.py).
 
 :func:`run_study` runs them one after another in this process; :func:`run_study_parallel`
 runs up to N at once, each in a child process of its own (fl/cellproc.py says why) with
-its own SuperLink, ports and Ray (a share of this machine, or of a Ray cluster:
-fl/scaleout.py). Both apply the same skip rules; Ctrl-C stops every running cell.
+its own SuperLink, ports and a private Ray of a share of this machine (fl/scaleout.py).
+Both apply the same skip rules; Ctrl-C stops every running cell.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from fl.cli import main
 from fl.scaleout import (
     RayTarget,
     address_problem,
-    cluster_shares,
     current_ray_node,
     local_shares,
     machine_resources,
@@ -42,11 +41,9 @@ def test_a_share_of_this_machine_sizes_the_private_ray():
     assert two["init-args-num-cpus"] == 2 and two["init-args-num-gpus"] == 0
 
 
-def test_a_share_of_a_cluster_scales_the_client_resources_and_sizes_nothing():
-    out = RayTarget(address="10.0.0.5:6379", share=3).federation(FED)
-    assert out == {**FED, "client-resources-num-cpus": 3, "client-resources-num-gpus": 0.75}
+def test_a_cluster_is_joined_unsized():  # Ray refuses num_cpus/num_gpus when joining
     assert RayTarget(address="10.0.0.5:6379").federation(FED) == FED
-    assert cluster_shares(2, "h:1") == [RayTarget(address="h:1", share=2)] * 2
+    assert RayTarget(address="10.0.0.5:6379", num_cpus=2).federation(FED) == FED
 
 
 def test_federation_config_is_extended_not_replaced():
@@ -149,6 +146,9 @@ def test_round_records_name_the_ray_nodes_of_the_replies():
      "bonsai: error: --parallel: got 0; allowed: >= 1"),
     (["sweep", "smoke_study", "--ray-address", "ray://h:1"],
      "bonsai: error: --ray-address: got 'ray://h:1'; a Ray Client address"),
+    (["sweep", "smoke_study", "--parallel", "2", "--ray-address", "127.0.0.1:6379"],
+     "bonsai: error: --parallel: got 2 with --ray-address 127.0.0.1:6379; allowed: 1 with a "
+     "Ray cluster (Flower sizes each simulation's actor pool to the whole cluster"),
 ])
 def test_cli_refuses_bad_scale_out_flags(tmp_path, monkeypatch, capsys, args, line):
     monkeypatch.chdir(tmp_path)

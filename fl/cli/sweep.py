@@ -16,7 +16,13 @@ from fl.catalog import CatalogError, resolve
 from fl.cli.common import add_ray_address, check_data, fail, ray_address
 from fl.rundir import writable_problem
 from fl.runtime import RuntimeFailure
-from fl.scaleout import RayTarget, cluster_shares, local_shares, machine_resources
+from fl.scaleout import (
+    PARALLEL_ON_CLUSTER,
+    RayTarget,
+    local_shares,
+    machine_resources,
+    resolve_address,
+)
 from fl.study import (
     StudyError,
     cell_status,
@@ -40,9 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-data-check", action="store_true",
                    help="skip building every cell's partitions before running")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
-                   help="run N cells at once, each with its own SuperLink and 1/N of this "
-                        "machine's CPUs and GPUs (with --ray-address: 1/N of the cluster); "
-                        "default 1")
+                   help="run N cells at once on this machine, each with its own SuperLink "
+                        "and 1/N of its CPUs and GPUs (default 1; on a Ray cluster: 1)")
     add_ray_address(p)
     p.set_defaults(func=run)
 
@@ -50,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         return fail(f"--parallel: got {args.parallel}; allowed: >= 1")
+    address, source = resolve_address(args.ray_address)
+    if address and args.parallel > 1 and not args.dry_run:
+        return fail(f"--parallel: got {args.parallel} with {source} {address}; "
+                    f"{PARALLEL_ON_CLUSTER}")
     try:
         study = load_study(resolve(args.file, "study file"), args.overrides)
         cells = expand(study)
@@ -103,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         if slots > 1:
-            targets = (cluster_shares(slots, address) if address
-                       else local_shares(slots, *machine_resources()))
+            targets = local_shares(slots, *machine_resources())
             _say_shares(console, targets, configs)
             res = run_study_parallel(study, cells, configs, targets, console,
                                      live=not args.quiet)
@@ -126,16 +134,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _say_shares(console: Console, targets: list[RayTarget], configs: dict) -> None:
-    """One line on how the cells share the machine or cluster, and one more when a
-    cell's clients need more CPUs than a share has (its Ray then gets what one client
-    needs, and the cells together ask for more CPUs than the machine has)."""
-    first = targets[0]
-    console.print(f"{len(targets)} cells at a time, each on {first.describe()}",
+    """One line on how the cells share the machine, and one more when a cell's clients
+    need more CPUs than a share has (its Ray then gets what one client needs, and the
+    cells together ask for more CPUs than the machine has)."""
+    share = targets[0].num_cpus or 1
+    console.print(f"{len(targets)} cells at a time, each on {targets[0].describe()}",
                   soft_wrap=True)
-    if first.num_cpus is not None:
-        need = max(c.resources.client_cpus for c in configs.values())
-        if need > first.num_cpus:
-            console.print(f"[yellow]note[/yellow]: resources.client_cpus={need} is more than "
-                          f"a share ({first.num_cpus}); those cells' Ray get {need} CPUs, so "
-                          "the cells together ask for more than this machine has",
-                          soft_wrap=True)
+    need = max(c.resources.client_cpus for c in configs.values())
+    if need > share:
+        console.print(f"[yellow]note[/yellow]: resources.client_cpus={need} is more than a "
+                      f"share ({share}); those cells' Ray get {need} CPUs, so the cells "
+                      "together ask for more than this machine has", soft_wrap=True)
