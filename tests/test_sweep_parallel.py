@@ -231,3 +231,23 @@ def test_parallel_sweep_reproduces_the_sequential_one_and_resumes_after_sigint(t
     assert sorted(got) == ["seed=0", "seed=1"]
     assert all(len(a) == 3 for a in got.values())  # rounds 0, 1, 2, each once
     assert got == want  # seeded: exactly the sequential sweep's
+
+
+@pytest.mark.slow
+def test_cells_stop_themselves_when_the_sweep_is_killed(tmp_path):
+    """SIGKILL of `bonsai sweep --parallel 2` closes the cells' stdin: each stops its run
+    as on SIGTERM (fl/cellproc.py) and nothing of either is left."""
+    mark = uuid.uuid4().hex
+    par, par_dir = write(tmp_path, "killed")
+    proc = bonsai(["sweep", str(par), "--parallel", "2", "--quiet"], mark)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # both SuperLinks up
+        logs = list(par_dir.glob("*/superlink.log")) if par_dir.exists() else []
+        if len(logs) == 2 and all(b"Uvicorn running" in p.read_bytes() for p in logs):
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.kill()
+    proc.wait(timeout=10)
+    assert not (left := wait_gone(mark, 60.0)), left
+    assert sorted(p.name for p in par_dir.glob("*/STOPPING")) == ["STOPPING", "STOPPING"]
