@@ -6,7 +6,8 @@ measures about itself each round (train seconds, peak memory).
 metrics also carry ``peak-memory-mb`` (peak resident memory of the ClientApp
 process while it handled the message) and, when the node config names a
 ``metrics-path``, the node appends one JSON line per round to that file on the
-node itself.
+node itself. Under Ray (a simulation) the reply also names the Ray node that trained
+it (``ray-node-id``), so a run on a cluster shows where its clients were placed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flwr.app import Context, Message
 from fl import contract
 from fl.config import ExperimentConfig
 from fl.node import PARTITION_ID, PEAK_CUDA_MEMORY_MB, EdgeProfile, PeakMemory
+from fl.scaleout import current_ray_node
 
 Handler = Callable[[Message, Context], Message]
 
@@ -42,7 +44,8 @@ def node_profile(cfg: ExperimentConfig, context: Context) -> ExperimentConfig:
 
 
 def measured(handler: Handler) -> Handler:
-    """Add ``peak-memory-mb`` to a train reply's metrics; log the round on the node."""
+    """Add ``peak-memory-mb`` (and under Ray ``ray-node-id``) to a train reply's metrics;
+    log the round on the node."""
 
     @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
@@ -57,6 +60,8 @@ def measured(handler: Handler) -> Handler:
         metrics[contract.PEAK_MEMORY_MB] = peak.rss_mb
         if cuda:
             metrics[PEAK_CUDA_MEMORY_MB] = peak.cuda_mb
+        if (ray_node := current_ray_node()) is not None:  # a simulation: where it ran
+            metrics[contract.RAY_NODE_ID] = ray_node
         conf = msg.content[contract.CONFIG] if contract.CONFIG in msg.content else {}
         profile.record({
             "round": int(conf.get(contract.SERVER_ROUND, 0)),

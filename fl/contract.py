@@ -40,6 +40,8 @@ TRAIN_LOSS: Final = "train-loss"
 TRAIN_SECONDS: Final = "train-seconds"
 TRAIN_FLOPS: Final = "train-flops"
 PEAK_MEMORY_MB: Final = "peak-memory-mb"
+#: train reply under Ray: the Ray node that trained it (fl.scaleout.node_number: an int)
+RAY_NODE_ID: Final = "ray-node-id"
 EVAL_LOSS: Final = "eval-loss"
 EVAL_ACCURACY: Final = "eval-accuracy"
 

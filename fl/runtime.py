@@ -7,6 +7,13 @@ its PID), a private Ray temp dir, and a teardown that ends the SuperLink and
 every process it spawned (SuperExec, the simulation, Ray) by PID, also on
 failure or Ctrl-C.
 
+On an existing Ray cluster (:class:`fl.scaleout.RayTarget` with an address) the
+simulation's driver joins it through ``RAY_ADDRESS`` and starts no Ray processes of its
+own; the cluster's raylets start the workers of our actors, which are neither our
+descendants nor carry our environment marker, so the same teardown ends only what we
+started and never the cluster: Ray ends a job's actors when its driver dies (within a
+second on loopback; tests/test_ray_cluster.py checks it, also after SIGINT).
+
 The teardown runs to its end whatever signals arrive (:mod:`fl.interrupts`: a
 second Ctrl-C makes it SIGKILL at once instead of abandoning it), and a
 :class:`Watchdog` process ends the same trees and removes the temp dirs when
@@ -30,6 +37,7 @@ from typing import Any, Self
 from fl import interrupts
 from fl.flowerapp import write_app
 from fl.proctree import MARKER_ENV, Orphans, terminate_trees
+from fl.scaleout import RayTarget
 from fl.watchdog import WATCHDOG_LOG, Watchdog
 
 FLOWER_ENV = {
@@ -111,18 +119,26 @@ class SimulationRuntime(ProcessContext):
     ...     proc = rt.flwr_run(run_config, federation_config)
     """
 
-    def __init__(self, log_dir: str | Path, startup_timeout: float = 60.0):
+    def __init__(self, log_dir: str | Path, startup_timeout: float = 60.0,
+                 ray: RayTarget | None = None):
         self.log_dir = Path(log_dir)
         self.startup_timeout = startup_timeout
+        #: where the simulation's Ray runs (default: the cluster RAY_ADDRESS names, else
+        #: a private one); on a cluster the teardown ends our driver, and Ray its actors
+        self.ray = ray if ray is not None else RayTarget.from_env()
         self.home = Path(tempfile.mkdtemp(prefix="bonsai-flwr-"))
-        self.ray_tmp = Path(tempfile.mkdtemp(prefix="bray-"))  # short: Ray's socket paths
+        # a private Ray's temp dir (short: Ray's socket paths); a cluster has its own
+        self.ray_tmp = (None if self.ray.joins_cluster
+                        else Path(tempfile.mkdtemp(prefix="bray-")))
         self.port = free_port()
         self.control_port = free_port()
         self.superlink: subprocess.Popen | None = None
         self.children: list[subprocess.Popen] = []
         self.marker = uuid.uuid4().hex
-        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
-                    "RAY_TMPDIR": str(self.ray_tmp), MARKER_ENV: self.marker}
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), MARKER_ENV: self.marker}
+        if self.ray_tmp is not None:
+            env["RAY_TMPDIR"] = str(self.ray_tmp)
+        self.env = self.ray.environment(env)
         self.watchdog: Watchdog | None = None
         self.orphans: Orphans | None = None
         self.closed = False
@@ -131,8 +147,7 @@ class SimulationRuntime(ProcessContext):
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_app(self.app)
-        self.watchdog = Watchdog(self.marker, [self.home, self.ray_tmp],
-                                 self.log_dir / WATCHDOG_LOG)
+        self.watchdog = Watchdog(self.marker, self._folders(), self.log_dir / WATCHDOG_LOG)
         self.orphans = Orphans()  # after the watchdog: its end leaves the watcher alone
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -203,6 +218,10 @@ class SimulationRuntime(ProcessContext):
         if left:
             raise TeardownFailure(left)
 
+    def _folders(self) -> list[Path]:
+        """The temporary folders this runtime made (and removes)."""
+        return [self.home, *([self.ray_tmp] if self.ray_tmp is not None else [])]
+
     def _end(self, grace: float) -> list[int]:
         procs = [*self.children, *([self.superlink] if self.superlink else [])]
         # an unreaped root's PID (returncode None) cannot have been reused
@@ -217,8 +236,8 @@ class SimulationRuntime(ProcessContext):
         if self.orphans is not None:
             left.update(self.orphans.end())
             self.orphans = None
-        shutil.rmtree(self.home, ignore_errors=True)
-        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        for folder in self._folders():
+            shutil.rmtree(folder, ignore_errors=True)
         if self.watchdog is not None:
             self.watchdog.close()
             self.watchdog = None

@@ -2,7 +2,8 @@
 
 :func:`run_simulation` prepares the results folder (fl.rundir), writes the
 run-config TOML, starts a private SuperLink (fl.runtime.SimulationRuntime), runs
-``flwr run`` with the federation this experiment needs, shows the live table
+``flwr run`` with the federation this experiment needs (on a private Ray, a share of
+this machine or an existing Ray cluster: fl.scaleout), shows the live table
 (fl.progress) and returns the ServerApp's summary; the runtime ends every process
 on the way out, also on failure or Ctrl-C.
 """
@@ -25,6 +26,7 @@ from fl.progress import watch
 from fl.results import ROUNDS_CSV, ROUNDS_JSONL, RUN_CONFIG_TOML, STOPPING, SUMMARY_JSON
 from fl.rundir import prepare_run_dir
 from fl.runtime import RuntimeFailure, SimulationRuntime
+from fl.scaleout import RayTarget
 
 __all__ = ["cohort_workers", "federation_config", "run_simulation", "visible_gpus", "wait_run"]
 
@@ -69,11 +71,14 @@ def cohort_workers(cfg: ExperimentConfig) -> int:
 
 
 def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
-                   live: bool = True) -> dict[str, Any]:
+                   live: bool = True, ray: RayTarget | None = None) -> dict[str, Any]:
     """Run ``cfg`` through ``flwr run`` on a private SuperLink; return its summary.
 
-    Raises RuntimeFailure when the run does not produce a summary.
+    ``ray``: where the simulation's Ray runs (fl.scaleout; default: the cluster
+    ``RAY_ADDRESS`` names, else a private Ray of the whole machine). Raises
+    RuntimeFailure when the run does not produce a summary.
     """
+    ray = ray if ray is not None else RayTarget.from_env()
     console = console or Console()
     run_dir = prepare_run_dir(cfg)
     run_config = write_run_config(cfg, run_dir / RUN_CONFIG_TOML)
@@ -82,9 +87,9 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
         for name in (ROUNDS_JSONL, ROUNDS_CSV):
             (run_dir / name).unlink(missing_ok=True)
     summary_path = run_dir / SUMMARY_JSON
-    with SimulationRuntime(run_dir) as rt:
+    with SimulationRuntime(run_dir, ray=ray) as rt:
         try:
-            proc = rt.flwr_run(run_config, federation_config(cfg))
+            proc = rt.flwr_run(run_config, ray.federation(federation_config(cfg)))
             if live:
                 watch(run_dir, cfg.rounds,
                       lambda: proc.poll() is None and not summary_path.exists(), console)

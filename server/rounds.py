@@ -21,6 +21,7 @@ from fl import contract
 from fl.checkpoint import Checkpoint
 from fl.checkpoint import save as save_checkpoint
 from fl.results import RunRecorder
+from fl.scaleout import node_label
 from fl.wire import message_nbytes
 from server.cohorts import CohortGrid
 from server.diagnostics import decompose_round
@@ -52,6 +53,15 @@ def _partitions(partition_of: Callable[[int], int | None], node_ids: Iterable[in
                 ) -> list[int]:
     """Sorted partition ids of ``node_ids`` (-1 for a node the server cannot place)."""
     return sorted(-1 if (p := partition_of(n)) is None else p for n in node_ids)
+
+
+def _ray_nodes(replies: Iterable[Message]) -> list[str]:
+    """The Ray nodes (fl.scaleout.node_label) that trained these replies, sorted; empty
+    outside a simulation."""
+    nodes = {node_label(m[contract.RAY_NODE_ID]) for r in replies
+             if contract.METRICS in r.content
+             and contract.RAY_NODE_ID in (m := r.content[contract.METRICS])}
+    return sorted(nodes)
 
 
 def run_rounds(
@@ -181,6 +191,8 @@ def run_rounds(
             record["participants"] = _partitions(partition_of, replied)
             record["failed"] = _partitions(
                 partition_of, {m.metadata.dst_node_id for m in msgs} - replied)
+        if ray_nodes := _ray_nodes(ok):
+            record["ray_nodes"] = ray_nodes
         if train_metrics is not None and contract.TRAIN_LOSS in train_metrics:
             record["train_loss"] = float(train_metrics[contract.TRAIN_LOSS])
         if fed_eval is not None and contract.EVAL_ACCURACY in fed_eval:

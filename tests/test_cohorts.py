@@ -310,8 +310,8 @@ def test_a_failed_worker_fails_its_clients_only():
 
 
 def test_simulation_keys_and_federation_config(monkeypatch):
-    from fl.simulation import cohort_workers, federation_config
     from fl.cohort import MODES
+    from fl.simulation import cohort_workers, federation_config
 
     assert c.COHORT_MODES == MODES
     cfg = c.load(None, ["partition.num_clients=50", "simulation.cohort_size=16"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from fl.catalog import CatalogError, resolve
 from fl.config import ConfigError, ExperimentConfig, from_flat, load, to_flat
 from fl.progress import human_bytes
 from fl.runtime import RuntimeFailure
+from fl.scaleout import address_problem, reachable_problem, resolve_address
 
 USAGE_ERROR = 2
 
@@ -38,6 +40,29 @@ def load_or_fail(path: str | None, overrides: list[str]) -> ExperimentConfig | i
         return fail(str(e))
     except ConfigError as e:
         return fail(e.problems)
+
+
+def add_ray_address(p: argparse.ArgumentParser) -> None:
+    """The ``--ray-address`` option of ``bonsai run`` and ``bonsai sweep``."""
+    p.add_argument("--ray-address", metavar="HOST:PORT", default=None,
+                   help="join this Ray cluster (its head's address, as `ray start --head` "
+                        "prints it) instead of starting a private Ray; default: $RAY_ADDRESS. "
+                        "Run bonsai on a machine of the cluster")
+
+
+def ray_address(flag: str | None, console: Console) -> str | None | int:
+    """The Ray cluster a simulation joins (``--ray-address``, else ``RAY_ADDRESS``), None
+    for a private Ray, or the exit code after one line naming the problem: a malformed
+    address, or nothing answering at it (checked before anything starts)."""
+    address, source = resolve_address(flag)
+    if address is None:
+        return None
+    problem = address_problem(address, source) or reachable_problem(address, source)
+    if problem:
+        return fail(problem)
+    console.print(f"joining the Ray cluster at {address}"
+                  + (f" (from {source})" if source != "--ray-address" else ""), soft_wrap=True)
+    return address
 
 
 def _check_data_child(partitions: bool = True) -> None:

@@ -1,6 +1,6 @@
-"""``bonsai run FILE [--set KEY=VALUE ...]``: one experiment in Flower's simulation
-runtime (Ray), with a live per-round table, a results folder, and nothing left
-running afterwards."""
+"""``bonsai run FILE [--set KEY=VALUE ...] [--ray-address HOST:PORT]``: one experiment in
+Flower's simulation runtime (a private Ray, or an existing Ray cluster it joins), with a
+live per-round table, a results folder, and nothing it started left running afterwards."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from pathlib import Path
 from rich.console import Console
 
 from fl import interrupts
-from fl.cli.common import DEFAULT_EXPERIMENT, check_data, fail, load_or_fail, print_summary
+from fl.cli.common import (
+    DEFAULT_EXPERIMENT,
+    add_ray_address,
+    check_data,
+    fail,
+    load_or_fail,
+    print_summary,
+    ray_address,
+)
 from fl.rundir import RunDirError, check_resume, check_run_dir
 from fl.runtime import RuntimeFailure
+from fl.scaleout import RayTarget
 from fl.simulation import run_simulation
 from fl.tracking import missing_packages
 
@@ -29,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RESULTS_DIR", default=None,
                    help="continue an interrupted run from its last checkpoint (same file and "
                         "--set overrides)")
+    add_ray_address(p)
     p.set_defaults(func=run)
 
 
@@ -42,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.resume and not args.resume:
         return fail("resume: got True; continue a run with `bonsai run FILE --resume "
                     "RESULTS_DIR` instead of setting resume")
+    address = ray_address(args.ray_address, console)
+    if isinstance(address, int):
+        return address
     t0 = time.perf_counter()
     try:  # the data first: unusable data or a partition that cannot be made stops here;
         # a natural partition of every id gets its client count (the config says 0)
@@ -64,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             return fail(problem)
     interrupts.install()  # Ctrl-C and SIGTERM end the run cleanly; a second one hurries
     try:
-        summary = run_simulation(cfg, console, live=not args.quiet)
+        summary = run_simulation(cfg, console, live=not args.quiet,
+                                 ray=RayTarget(address=address))
     except RunDirError as e:
         return fail(str(e))
     except KeyboardInterrupt as e:
