@@ -24,7 +24,7 @@ import yaml
 from processes import bonsai, wait_gone
 
 from fl.results import read_rounds
-from fl.sweep import expand, load_study
+from fl.study import expand, load_study
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"rounds": 2, "train.local_epochs": 1, "strategy.round_timeout": 300.0,
