@@ -87,20 +87,25 @@ def run_simulation(cfg: ExperimentConfig, console: Console | None = None,
         for name in (ROUNDS_JSONL, ROUNDS_CSV):
             (run_dir / name).unlink(missing_ok=True)
     summary_path = run_dir / SUMMARY_JSON
-    with SimulationRuntime(run_dir, ray=ray) as rt:
-        try:
-            proc = rt.flwr_run(run_config, ray.federation(federation_config(cfg)))
-            if live:
-                watch(run_dir, cfg.rounds,
-                      lambda: proc.poll() is None and not summary_path.exists(), console)
-            rc = wait_run(proc, summary_path)
-            if rc is None:  # all is saved: what is left is Flower's and Ray's shutdown
-                rt.close(grace=0.0)
-        except BaseException:
-            # before the processes are ended: the server then records no further
-            # round, since the replies of the open one fail with the clients
-            (run_dir / STOPPING).touch()
-            raise
+    try:
+        with SimulationRuntime(run_dir, ray=ray) as rt:
+            try:
+                proc = rt.flwr_run(run_config, ray.federation(federation_config(cfg)))
+                if live:
+                    watch(run_dir, cfg.rounds,
+                          lambda: proc.poll() is None and not summary_path.exists(), console)
+                rc = wait_run(proc, summary_path)
+                if rc is None:  # all is saved: what is left is Flower's and Ray's shutdown
+                    rt.close(grace=0.0)
+            except BaseException:
+                # before the processes are ended: the server then records no further
+                # round, since the replies of the open one fail with the clients
+                (run_dir / STOPPING).touch()
+                raise
+    except BaseException:
+        # also when stopped while the SuperLink was still starting (no round yet)
+        (run_dir / STOPPING).touch()
+        raise
     if not summary_path.exists():
         tail = (run_dir / "flower.log").read_text(errors="replace").splitlines()[-25:]
         raise RuntimeFailure(
