@@ -133,8 +133,8 @@ def main() -> int:
 
     from fl import interrupts
     from fl.config import from_flat
+    from fl.procgroup import RuntimeFailure
     from fl.rundir import RunDirError
-    from fl.runtime import RuntimeFailure
     from fl.simulation import run_simulation
 
     fd = sys.stdin.fileno()

@@ -17,7 +17,8 @@ second on loopback; tests/test_ray_cluster.py checks it, also after SIGINT).
 The teardown runs to its end whatever signals arrive (:mod:`fl.interrupts`: a
 second Ctrl-C makes it SIGKILL at once instead of abandoning it), and a
 :class:`Watchdog` process ends the same trees and removes the temp dirs when
-this process dies without a teardown, even by SIGKILL (:mod:`fl.watchdog`).
+this process dies without a teardown, even by SIGKILL (:mod:`fl.watchdog`); both come
+with the :class:`fl.procgroup.ProcessGroup` the runtime starts its processes in.
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-from fl import interrupts
 from fl.flowerapp import write_app
-from fl.proctree import MARKER_ENV, Orphans, terminate_trees
+from fl.procgroup import ProcessContext, ProcessGroup, RuntimeFailure
+from fl.proctree import MARKER_ENV
 from fl.scaleout import RayTarget
-from fl.watchdog import WATCHDOG_LOG, Watchdog
+from fl.watchdog import WATCHDOG_LOG
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -49,67 +50,11 @@ FLOWER_ENV = {
 CONNECTION = "bonsai"
 
 
-class RuntimeFailure(RuntimeError):
-    """The Flower runtime could not be started or the run failed."""
-
-
-class TeardownFailure(RuntimeFailure):
-    """Processes a teardown ended survived SIGKILL (hung in the kernel); the message
-    names them."""
-
-    def __init__(self, pids: Sequence[int]):
-        def name(pid: int) -> str:
-            try:
-                return Path(f"/proc/{pid}/comm").read_text().strip()
-            except OSError:
-                return "gone"
-
-        listed = ", ".join(f"{p} ({name(p)})" for p in pids)
-        super().__init__(f"{len(pids)} process(es) did not stop: {listed}; end them with "
-                         f"`kill -9 {' '.join(map(str, pids))}`")
-        self.pids = list(pids)
-
-
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-# --- the runtime --------------------------------------------------------------
-class ProcessContext:
-    """A context manager over ``start()`` and ``close()``: ``close`` runs on every
-    exit, also when ``start`` fails half-way (what it started is ended).
-
-    When an interrupt is on its way and ``close`` finds survivors, the interrupt
-    goes on, carrying their account (:func:`fl.interrupts.stopped`).
-    """
-
-    def start(self) -> None:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException as e:
-            self._close_after(e)
-            raise
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self._close_after(exc)
-
-    def _close_after(self, exc: BaseException | None) -> None:
-        try:
-            self.close()
-        except TeardownFailure as failure:
-            if isinstance(exc, KeyboardInterrupt):
-                raise KeyboardInterrupt(str(failure)) from failure
-            raise
 
 
 class SimulationRuntime(ProcessContext):
@@ -132,37 +77,30 @@ class SimulationRuntime(ProcessContext):
                         else Path(tempfile.mkdtemp(prefix="bray-")))
         self.port = free_port()
         self.control_port = free_port()
-        self.superlink: subprocess.Popen | None = None
-        self.children: list[subprocess.Popen] = []
         self.marker = uuid.uuid4().hex
         env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), MARKER_ENV: self.marker}
         if self.ray_tmp is not None:
             env["RAY_TMPDIR"] = str(self.ray_tmp)
         self.env = self.ray.environment(env)
-        self.watchdog: Watchdog | None = None
-        self.orphans: Orphans | None = None
-        self.closed = False
+        folders = [self.home, *([self.ray_tmp] if self.ray_tmp is not None else [])]
+        self.procs = ProcessGroup(self.env, self.marker, remove=folders,
+                                  log=self.log_dir / WATCHDOG_LOG)
+        self.superlink: subprocess.Popen | None = None
         self.app = self.home / "app"  #: the Flower app folder given to `flwr run`
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_app(self.app)
-        self.watchdog = Watchdog(self.marker, self._folders(), self.log_dir / WATCHDOG_LOG)
-        self.orphans = Orphans()  # after the watchdog: its end leaves the watcher alone
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        log = open(self.log_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by Popen
-        self.superlink = subprocess.Popen(
+        self.superlink = self.procs.start(
+            "superlink",
             [flower_bin("flower-superlink"), "--insecure", "--simulation",
              "--isolation", "subprocess", "--control-api-address", f"127.0.0.1:{self.control_port}",
              "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
-        self.watchdog.watch([self.superlink.pid])
+            self.log_dir / "superlink.log")
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -170,7 +108,7 @@ class SimulationRuntime(ProcessContext):
 
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            assert self.superlink is not None
+            assert self.superlink is not None  # started by start()
             if self.superlink.poll() is not None:
                 raise RuntimeFailure(
                     f"flower-superlink exited with code {self.superlink.returncode}; see "
@@ -188,60 +126,21 @@ class SimulationRuntime(ProcessContext):
                  log_name: str = "flower.log") -> subprocess.Popen:
         """Start ``flwr run APP bonsai --stream`` with the given run and federation config."""
         fed = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
-        log = open(self.log_dir / log_name, "ab")  # noqa: SIM115 - owned by Popen
-        proc = subprocess.Popen(
-            [flower_bin("flwr"), "run", str(self.app), CONNECTION, "--stream",
-             "--run-config", str(run_config_toml), "--federation-config", fed],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=str(self.app), start_new_session=True,
-        )
-        log.close()
-        self.children.append(proc)
-        if self.watchdog is not None:
-            self.watchdog.watch([proc.pid])
-        return proc
+        return self.procs.start(
+            "flwr-run", [flower_bin("flwr"), "run", str(self.app), CONNECTION, "--stream",
+                         "--run-config", str(run_config_toml), "--federation-config", fed],
+            self.log_dir / log_name, cwd=str(self.app))
 
     def close(self, grace: float = 5.0) -> None:
         """End every process this runtime started (SIGTERM, SIGKILL after ``grace``
-        s), then remove its temp dirs and stop the watchdog. A second call does
-        nothing. Signals do not cut it short (:func:`fl.interrupts.teardown`);
-        raises TeardownFailure when a process survived.
+        s), then remove its temp dirs and stop the watchdog (:meth:`ProcessGroup.close`:
+        a second call does nothing, signals do not cut it short, TeardownFailure
+        names a process that survived).
 
         Ray takes seconds to act on SIGTERM; ``grace=0`` kills at once, for when
         the run's results are already on disk.
         """
-        if self.closed:
-            return
-        self.closed = True
-        with interrupts.teardown():
-            left = self._end(grace)
-        if left:
-            raise TeardownFailure(left)
-
-    def _folders(self) -> list[Path]:
-        """The temporary folders this runtime made (and removes)."""
-        return [self.home, *([self.ray_tmp] if self.ray_tmp is not None else [])]
-
-    def _end(self, grace: float) -> list[int]:
-        procs = [*self.children, *([self.superlink] if self.superlink else [])]
-        # an unreaped root's PID (returncode None) cannot have been reused
-        roots = [p.pid for p in procs if p.returncode is None]
-        left = set(terminate_trees(roots, grace, self.marker))
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                left.add(proc.pid)
-        self.children, self.superlink = [], None
-        if self.orphans is not None:
-            left.update(self.orphans.end())
-            self.orphans = None
-        for folder in self._folders():
-            shutil.rmtree(folder, ignore_errors=True)
-        if self.watchdog is not None:
-            self.watchdog.close()
-            self.watchdog = None
-        return sorted(left)
+        self.procs.close(grace)
 
 
 def flower_bin(name: str) -> str:

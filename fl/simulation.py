@@ -22,10 +22,11 @@ from rich.console import Console
 
 from fl.config import ExperimentConfig
 from fl.flowerapp import write_run_config
+from fl.procgroup import RuntimeFailure
 from fl.progress import watch
 from fl.results import ROUNDS_CSV, ROUNDS_JSONL, RUN_CONFIG_TOML, STOPPING, SUMMARY_JSON
 from fl.rundir import prepare_run_dir
-from fl.runtime import RuntimeFailure, SimulationRuntime
+from fl.runtime import SimulationRuntime
 from fl.scaleout import RayTarget
 
 __all__ = ["cohort_workers", "federation_config", "run_simulation", "visible_gpus", "wait_run"]

@@ -71,12 +71,12 @@ SECOND_SIGNAL = """
     import json, os, signal, sys, threading, time
     from pathlib import Path
     from fl import interrupts
-    from fl.deploy.processes import Processes
+    from fl.procgroup import ProcessGroup
     from fl.proctree import MARKER_ENV, alive
 
     marker, folder = sys.argv[1:3]
     interrupts.install()
-    procs = Processes({**os.environ, MARKER_ENV: marker}, marker, remove=[folder])
+    procs = ProcessGroup({**os.environ, MARKER_ENV: marker}, marker, remove=[folder])
     log = Path(folder) / "stubborn.log"
     stubborn = procs.start("stubborn", [sys.executable, "-c",
         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -154,11 +154,11 @@ SPAWNER = """
 PARENT = """
     import json, os, sys, time
     from pathlib import Path
-    from fl.deploy.processes import Processes
+    from fl.procgroup import ProcessGroup
     from fl.proctree import MARKER_ENV, descendants
 
     marker, folder, log, spawner = sys.argv[1:5]
-    procs = Processes({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)
+    procs = ProcessGroup({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)
     procs.start("tree", [sys.executable, "-c", spawner, "tree"], Path(folder) / "tree.log")
     procs.start("orphan", [sys.executable, "-c", spawner, "orphan"], Path(folder) / "o.log")
     time.sleep(4.5)  # the orphan's parent exited: it is ours now (subreaper), unmarked
@@ -204,11 +204,11 @@ def test_watchdog_leaves_everything_alone_after_a_normal_close(tmp_path):
     code = """
         import os, sys
         from pathlib import Path
-        from fl.deploy.processes import Processes
+        from fl.procgroup import ProcessGroup
         from fl.proctree import MARKER_ENV, alive
 
         marker, folder, log = sys.argv[1:4]
-        procs = Processes({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)
+        procs = ProcessGroup({**os.environ, MARKER_ENV: marker}, marker, remove=[folder], log=log)
         procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"],
                     Path(folder) / "s.log")
         watcher = procs.watchdog.proc

@@ -13,8 +13,8 @@ from rich.console import Console
 
 from fl.catalog import CatalogError, resolve
 from fl.config import ConfigError, ExperimentConfig, from_flat, load, to_flat
+from fl.procgroup import RuntimeFailure
 from fl.progress import human_bytes
-from fl.runtime import RuntimeFailure
 from fl.scaleout import address_problem, reachable_problem, resolve_address
 
 USAGE_ERROR = 2

@@ -42,8 +42,8 @@ from fl.deploy.remote import register_keys, run_experiment
 from fl.deploy.specs import check_address, client_ca, superlink_spec, supernode_spec
 from fl.deploy.split import write_split
 from fl.node import DEVICES
+from fl.procgroup import RuntimeFailure
 from fl.rundir import RunDirError, check_run_dir, writable_problem
-from fl.runtime import RuntimeFailure
 from fl.tracking import missing_packages
 
 USER_ERRORS = (KeyFileError, DeployError, DataError, ValueError)

@@ -20,8 +20,8 @@ from fl.cli.common import (
     print_summary,
     ray_address,
 )
+from fl.procgroup import RuntimeFailure
 from fl.rundir import RunDirError, check_resume, check_run_dir
-from fl.runtime import RuntimeFailure
 from fl.scaleout import RayTarget
 from fl.simulation import run_simulation
 from fl.tracking import missing_packages

@@ -14,8 +14,8 @@ from rich.console import Console
 from fl import interrupts
 from fl.catalog import CatalogError, resolve
 from fl.cli.common import add_ray_address, check_data, fail, ray_address
+from fl.procgroup import RuntimeFailure
 from fl.rundir import writable_problem
-from fl.runtime import RuntimeFailure
 from fl.scaleout import (
     PARALLEL_ON_CLUSTER,
     RayTarget,

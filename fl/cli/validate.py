@@ -17,7 +17,7 @@ from typing import Any
 from fl.catalog import CatalogError, resolve
 from fl.cli.common import check_data, fail, load_or_fail
 from fl.config import ExperimentConfig
-from fl.runtime import RuntimeFailure
+from fl.procgroup import RuntimeFailure
 from fl.tracking import missing_packages
 from fl.yamlfile import YamlFileError, load_yaml
 

@@ -25,7 +25,6 @@ from fl.deploy.local import LocalFederation, LocalNode, existing_keys
 from fl.deploy.processes import (
     REFUSED_EXIT_CODE,
     DeployError,
-    Processes,
     SuperLinkSpec,
     SuperNodeSpec,
     check_port_free,
@@ -43,7 +42,6 @@ __all__ = [
     "KeySet",
     "LocalFederation",
     "LocalNode",
-    "Processes",
     "SuperLinkSpec",
     "SuperNodeSpec",
     "add_node_key",

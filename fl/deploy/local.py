@@ -31,7 +31,6 @@ from fl.data import DataError, check_model_fit, node_data
 from fl.deploy.keys import KeySet, check_node_key, check_superlink_tls, make_keys
 from fl.deploy.processes import (
     DeployError,
-    Processes,
     SuperLinkSpec,
     SuperNodeSpec,
     connection_toml,
@@ -43,11 +42,12 @@ from fl.deploy.processes import (
 )
 from fl.flowerapp import write_app, write_run_config
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
+from fl.procgroup import ProcessContext, ProcessGroup, RuntimeFailure
 from fl.proctree import MARKER_ENV
 from fl.progress import watch
 from fl.results import RUN_CONFIG_TOML, SUMMARY_JSON
 from fl.rundir import prepare_run_dir
-from fl.runtime import FLOWER_ENV, ProcessContext, RuntimeFailure, flower_bin, free_port
+from fl.runtime import FLOWER_ENV, flower_bin, free_port
 from fl.simulation import wait_run
 from fl.watchdog import WATCHDOG_LOG
 
@@ -137,8 +137,8 @@ class LocalFederation(ProcessContext):
         self.port = free_port()
         self.marker = uuid.uuid4().hex
         env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home), MARKER_ENV: self.marker}
-        self.procs = Processes(env, self.marker, remove=[self.home],
-                               log=self.log_dir / WATCHDOG_LOG)
+        self.procs = ProcessGroup(env, self.marker, remove=[self.home],
+                                  log=self.log_dir / WATCHDOG_LOG)
         self.address = f"127.0.0.1:{self.port}"
         self.keys: KeySet | None = None
         self._paused: set[str] = set()
@@ -279,7 +279,7 @@ class LocalFederation(ProcessContext):
 
     def close(self, grace: float = 5.0) -> None:
         """End every process by PID (flwr run, nodes, SuperLink; SIGKILL after ``grace``
-        s), then remove the temp dir (:meth:`Processes.close`). Paused nodes are
+        s), then remove the temp dir (:meth:`fl.procgroup.ProcessGroup.close`). Paused nodes are
         resumed first, so that they can end on SIGTERM. A second call does nothing."""
         with self._lock:  # no restart_node starts a process after this
             self._closing = True

@@ -2,10 +2,9 @@
 ``flwr`` CLI: command lines, the CLI's connection file, readiness, registration.
 
 Every builder is a pure function of its arguments (so tests and ``--dry-run``
-can show the exact command); :class:`Processes` starts them as our children,
-each in its own session, with the caller's environment marker, and ends them
-(and whatever they spawned) by PID through :func:`fl.proctree.terminate_trees`,
-also when this process dies first (:class:`fl.watchdog.Watchdog`).
+can show the exact command); a :class:`fl.procgroup.ProcessGroup` starts them as
+our children and ends them (and whatever they spawned) by PID, also when this
+process dies first.
 
 Flower 1.42 facts this relies on (docs/ARCHITECTURE.md, Deployment):
 - the SuperLink serves nodes, the ``flwr`` CLI and the ServerApp on one port;
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -29,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from fl import interrupts
-from fl.proctree import MARKER_ENV, Orphans, terminate_tree, terminate_trees
-from fl.runtime import FLOWER_ENV, TeardownFailure, flower_bin, toml_value
-from fl.watchdog import Watchdog
+from fl.procgroup import ProcessGroup
+from fl.proctree import MARKER_ENV
+from fl.runtime import FLOWER_ENV, flower_bin, toml_value
 
 __all__ = [
     "REFUSED_EXIT_CODE",
     "DeployError",
-    "Processes",
     "SuperLinkSpec",
     "SuperNodeSpec",
     "check_port_free",
@@ -254,88 +251,6 @@ def register_node(public_key: str | Path, connection: str, env: Mapping[str, str
     return int(data["node-id"])
 
 
-class Processes:
-    """Child processes started with one environment; ended together by PID.
-
-    From the first :meth:`start` a :class:`~fl.watchdog.Watchdog` guards them: if
-    this process dies without :meth:`close`, even by SIGKILL, it ends them and
-    removes the ``remove`` folders (which :meth:`close` removes too); ``log``
-    is where it reports that.
-    """
-
-    def __init__(self, env: Mapping[str, str], marker: str | None = None,
-                 remove: Sequence[str | Path] = (), log: str | Path | None = None):
-        self.env = dict(env)
-        self.marker = marker
-        self.remove = [Path(p) for p in remove]
-        self.watchdog_log = log
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
-        self.watchdog: Watchdog | None = None
-        self.orphans: Orphans | None = None
-        self.closed = False
-
-    def start(self, name: str, cmd: Sequence[str], log: Path | None,
-              env: Mapping[str, str] | None = None, cwd: str | None = None) -> subprocess.Popen:
-        """Start ``cmd`` as ``name``, its output into ``log`` (None: our stdout/stderr)."""
-        if self.watchdog is None:
-            self.watchdog = Watchdog(self.marker, self.remove, self.watchdog_log)
-            self.orphans = Orphans()  # after the watchdog: its end leaves the watcher alone
-        out = None
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            self.logs[name] = log
-            out = open(log, "ab")  # noqa: SIM115 - closed below, the child keeps its copy
-        try:
-            proc = subprocess.Popen(list(cmd), env={**self.env, **(env or {})}, stdout=out,
-                                    stderr=subprocess.STDOUT if out else None,
-                                    stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
-        finally:
-            if out is not None:
-                out.close()
-        self.procs[name] = proc
-        self.watchdog.watch([proc.pid])
-        return proc
-
-    def kill(self, name: str) -> None:
-        """SIGKILL one process and its descendants at once (a crash, not a shutdown)."""
-        proc = self.procs[name]
-        terminate_tree(proc.pid, grace=0.0)
-        proc.wait(timeout=10)
-
-    def close(self, grace: float = 5.0) -> None:
-        """End every process and all they spawned at once (SIGTERM, then SIGKILL after
-        ``grace`` s), plus any straggler that carries the marker; remove the
-        ``remove`` folders and stop the watchdog. A second call does nothing (the
-        PIDs may belong to other processes by then). Signals do not cut it short
-        (:func:`fl.interrupts.teardown`); raises TeardownFailure when a process
-        survived."""
-        if self.closed:
-            return
-        self.closed = True
-        with interrupts.teardown():
-            left = self._end(grace)
-        if left:
-            raise TeardownFailure(left)
-
-    def _end(self, grace: float) -> list[int]:
-        # an unreaped root's PID (returncode None) cannot have been reused
-        roots = [p.pid for p in self.procs.values() if p.returncode is None]
-        left = set(terminate_trees(roots, grace, self.marker))
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                left.add(proc.pid)
-        if self.orphans is not None:
-            left.update(self.orphans.end())
-        for folder in self.remove:
-            shutil.rmtree(folder, ignore_errors=True)
-        if self.watchdog is not None:
-            self.watchdog.close()
-        return sorted(left)
-
-
 def flower_env(marker: str | None = None) -> dict[str, str]:
     """This environment plus Flower's offline settings (fl.runtime.FLOWER_ENV) and, when
     given, the marker every child inherits (fl.proctree)."""
@@ -352,7 +267,7 @@ def run_foreground(name: str, cmd: Sequence[str], env: Mapping[str, str],
     after they are gone), and so does a watchdog when this process is killed (it then
     removes ``remove``); raises TeardownFailure when a process survived."""
     interrupts.install()
-    procs = Processes(env, env.get(MARKER_ENV), remove=remove)
+    procs = ProcessGroup(env, env.get(MARKER_ENV), remove=remove)
     try:
         return procs.start(name, cmd, None, cwd=cwd).wait()
     finally:
