@@ -67,3 +67,28 @@ def other_keys(tmp_path_factory):
     from fl.deploy import make_keys
 
     return make_keys(tmp_path_factory.mktemp("other"), [], 1)
+
+
+@pytest.fixture(scope="session")
+def autoflip_run(tmp_path_factory):
+    """One real AutoFLIP simulation (`bonsai run` through Flower and Ray) whose results
+    several tests read (test_simulation, test_export): quickstart with 3 clients, 3
+    rounds, a new mask every round with the final targets from round 2, and the guidance
+    diagnostic every round. A test that changes the folder copies it first."""
+    import uuid
+
+    from processes import bonsai, wait_gone
+
+    out = tmp_path_factory.mktemp("autoflip-run")
+    sets = ["rounds=3", "partition.num_clients=3", "strategy.min_train_clients=3",
+            "strategy.name=autoflip", "pruning.mask_every=1", "pruning.schedule_rounds=2",
+            "diagnostics.guidance_every=1", "diagnostics.guidance_units=8",
+            f"output_dir={out}", "name=af"]
+    mark = uuid.uuid4().hex
+    proc = bonsai(["run", "simulations/quickstart.yaml", "--quiet",
+                   *[a for s in sets for a in ("--set", s)]], mark)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert not (left := wait_gone(mark)), left
+    (run_dir,) = out.iterdir()
+    return run_dir

@@ -60,17 +60,35 @@ def check_rounds(run_dir: Path, clients: int) -> list[dict]:
 @pytest.mark.slow
 def test_cifar10_study_cell_on_a_hub_layout_parquet_folder(tmp_path):
     """NIID-Bench's cell (lenet, reflect-padded crops, flips) with AutoFLIP+FedLD on a
-    folder of train-/test- parquet files of PNG-encoded 32x32 images."""
+    folder of train-/test- parquet files of PNG-encoded 32x32 images: the lenet is
+    shrunk physically to half its units, and the removed ones are zero in the final
+    model."""
+    import torch
+
+    from fl.models import build_model
+    from fl.pruning import count_flops, groups_for, structure_from_json, structured_mask
+
     data = hubdata.cifar10(tmp_path / "cifar10", train=90, test=30)
     run_dir, config = run_cell(tmp_path, "cifar10_dir05_lenet.yaml",
                                "strategy=autoflip+fedld,seed=0", **{
                                    "dataset.path": str(data), "partition.num_clients": 3,
                                    "partition.min_size": 5, "strategy.min_train_clients": 3,
-                                   "train.batch_size": 16})
+                                   "train.batch_size": 16,
+                                   "pruning.schedule_rounds": 1})  # final targets at once
     assert config["model"] == "lenet" and config["train"]["augment_pad_mode"] == "reflect"
     assert config["strategy"]["aggregation"] == "fedld"
     rounds = check_rounds(run_dir, 3)
-    assert rounds[2]["density"] < 1.0  # AutoFLIP pruned the lenet
+    full_flops = count_flops(build_model("lenet", (3, 32, 32), 10), (3, 32, 32))
+    assert all(r["flops_per_example"] < full_flops for r in rounds[1:])
+    assert rounds[2]["density"] < 0.3  # half the units, then half the weights left
+    kept = dict(k.split(":") for k in rounds[2]["kept_units"].split())
+    assert kept == {"conv1": "3/6", "conv2": "8/16", "fc1": "60/120", "fc2": "42/84"}
+    state = torch.load(run_dir / "final_model.pt", weights_only=True)
+    structure = structure_from_json((run_dir / "structure.json").read_text())
+    masks = structured_mask(groups_for("lenet", (3, 32, 32), 10), structure, state,
+                            strict=False)
+    for name, m in masks.items():
+        assert torch.count_nonzero(state[name][~m]) == 0, name
 
 
 @pytest.mark.slow

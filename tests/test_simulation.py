@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from loopback import run_in_process
 from processes import bonsai, leftovers, wait_gone
 
+from fl.config import load
 from fl.results import read_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,15 @@ def run_ok(tmp_path, name, extra=()):
     return run_dir, out
 
 
+def run_alone(run_dir, extra=()):
+    """The records of ``run_ok``'s experiment run with one in-process node per client
+    (tests/loopback.py): the same seeded run as through Flower and Ray."""
+    sets = [*SMALL, *extra]
+    overrides = [v for k, v in zip(sets[::2], sets[1::2]) if k == "--set"]
+    run_in_process(load(ROOT / "simulations" / "quickstart.yaml", overrides), run_dir)
+    return read_rounds(run_dir)
+
+
 def test_two_round_simulation_writes_results_learns_and_reproduces(tmp_path):
     run_dir, out = run_ok(tmp_path, "a")
     assert f"results: {run_dir}" in out
@@ -49,28 +60,11 @@ def test_two_round_simulation_writes_results_learns_and_reproduces(tmp_path):
     assert 0 < summary["discovery_seconds"] < summary["wall_seconds"]
     assert json.loads((run_dir / "config.json").read_text())["partition"]["num_clients"] == 3
 
-    run_dir2, _ = run_ok(tmp_path, "b")
-    again = read_rounds(run_dir2)
+    # seeded: the same experiment run again (in this process, tests/loopback.py) gives
+    # the same records
+    again = run_alone(tmp_path / "again")
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rounds]
     assert [r["loss"] for r in again] == [r["loss"] for r in rounds]
-
-
-def test_ctrl_c_stops_every_process(tmp_path):
-    mark = uuid.uuid4().hex
-    proc = bonsai(["run", "simulations/quickstart.yaml", "--quiet", *SMALL,
-                   "--set", "rounds=200", "--set", f"output_dir={tmp_path}"], mark)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        dirs = list(tmp_path.iterdir())
-        if dirs and len(read_rounds(dirs[0])) >= 2:
-            break
-        time.sleep(0.3)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    assert leftovers(mark)  # the SuperLink, SuperExec, simulation and Ray are running
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err
-    assert not (left := wait_gone(mark)), left
 
 
 def test_bad_config_starts_nothing(tmp_path):
@@ -98,10 +92,8 @@ def test_impossible_partition_fails_before_flower_starts(tmp_path):
     assert not (left := wait_gone(mark)), left
 
 
-def test_autoflip_simulation_explores_prunes_and_saves_bytes(tmp_path):
-    run_dir, _ = run_ok(tmp_path, "af", ["--set", "strategy.name=autoflip", "--set", "rounds=3",
-                                         "--set", "pruning.mask_every=1", "--set",
-                                         "pruning.schedule_rounds=2"])
+def test_autoflip_simulation_explores_prunes_and_saves_bytes(autoflip_run):
+    run_dir = autoflip_run  # conftest.py: 3 clients, 3 rounds, final targets from round 2
     rounds = read_rounds(run_dir)
     assert rounds[0]["bytes_down"] > 0 and rounds[0]["train_flops"] > 0  # exploration
     dens = [r["density"] for r in rounds[1:]]
@@ -137,20 +129,18 @@ def test_fedld_simulation_three_rounds(tmp_path):
     assert config["objective"]["margin_lambda"] == 0.1  # margin control on by default
 
 
-def test_guidance_diagnostic_in_a_simulation(tmp_path):
-    """docs/ALGORITHMS.md §1.5 in a real run: two rounds of AutoFLIP with the guidance
+def test_guidance_diagnostic_in_a_simulation(autoflip_run):
+    """docs/ALGORITHMS.md §1.5 in a real run: three rounds of AutoFLIP with the guidance
     check after each; the records carry the three correlations, guidance.jsonl the
     per-group samples of the CNN's three unit groups."""
-    run_dir, _ = run_ok(tmp_path, "gq", ["--set", "strategy.name=autoflip",
-                                         "--set", "diagnostics.guidance_every=1",
-                                         "--set", "diagnostics.guidance_units=8"])
+    run_dir = autoflip_run
     rounds = read_rounds(run_dir)
     for r in rounds[1:]:
         for key in ("guidance_rho", "magnitude_rho", "random_rho"):
             assert -1.0 <= r[key] <= 1.0, (r["round"], key)
     assert "guidance_rho" not in rounds[0]
     lines = [json.loads(x) for x in (run_dir / "guidance.jsonl").read_text().splitlines()]
-    assert [x["round"] for x in lines] == [1, 2]
+    assert [x["round"] for x in lines] == [1, 2, 3]
     for x in lines:
         assert set(x["groups"]) == {"conv1", "conv2", "fc1"}
         assert all(len(g["units"]) == 8 and len(g["oracle"]) == 8
@@ -162,8 +152,9 @@ RESUME = ["--set", "rounds=4", "--set", "pruning.mask_every=1", "--set",
 
 
 def test_interrupted_run_resumes_to_the_same_results(tmp_path):
-    ref_dir, _ = run_ok(tmp_path / "ref", "r", RESUME)
-    reference = read_rounds(ref_dir)
+    """Ctrl-C after round 2 stops every process (exit 130, nothing left); --resume
+    then finishes the run with the records of an uninterrupted one."""
+    reference = run_alone(tmp_path / "ref", RESUME)
 
     mark = uuid.uuid4().hex
     out = tmp_path / "cut"
@@ -175,8 +166,11 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path):
         if dirs and len(read_rounds(dirs[0])) >= 3:  # rounds 0, 1, 2 recorded
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    assert leftovers(mark)  # the SuperLink, SuperExec, simulation and Ray are running
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: every process stops, exit 130
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err
     assert not (left := wait_gone(mark)), left
     (cut_dir,) = list(out.iterdir())
     assert not (cut_dir / "summary.json").exists()
@@ -203,40 +197,3 @@ def test_resume_refuses_bad_input(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "is not a valid, safe Bonsai checkpoint" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # untouched
-
-
-def test_autoflip_prunes_lenet_on_32x32_images_from_an_npz(tmp_path):
-    """A literature model in a real run: NIID-Bench's lenet on CIFAR-shaped images
-    (random, written here), AutoFLIP with 4 clients for 2 rounds, shrunk physically."""
-    import numpy as np
-    import torch
-
-    from fl.models import build_model
-    from fl.pruning import count_flops, groups_for, structure_from_json, structured_mask
-
-    rng = np.random.default_rng(0)
-    npz = tmp_path / "cifar_like.npz"
-    np.savez(npz, x=rng.random((400, 3, 32, 32), dtype=np.float32),
-             y=np.arange(400, dtype=np.int64) % 10)
-    out = tmp_path / "out"
-    out.mkdir()
-    run_dir, _ = run_ok(out, "lenet", [
-        "--set", "model=lenet", "--set", "dataset.name=npz", "--set", f"dataset.path={npz}",
-        "--set", "partition.kind=iid", "--set", "partition.num_clients=4", "--set",
-        "strategy.min_train_clients=4", "--set", "strategy.name=autoflip", "--set",
-        "pruning.mask_every=1", "--set", "pruning.schedule_rounds=1", "--set",
-        "train.local_epochs=1"])
-    rounds = read_rounds(run_dir)
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(r["clients"] == 4 for r in rounds[1:])
-    full_flops = count_flops(build_model("lenet", (3, 32, 32), 10), (3, 32, 32))
-    assert all(r["flops_per_example"] < full_flops for r in rounds[1:])
-    assert rounds[2]["density"] < 0.3  # half the units, then half the weights left
-    kept = dict(k.split(":") for k in rounds[2]["kept_units"].split())
-    assert kept == {"conv1": "3/6", "conv2": "8/16", "fc1": "60/120", "fc2": "42/84"}
-    state = torch.load(run_dir / "final_model.pt")
-    structure = structure_from_json((run_dir / "structure.json").read_text())
-    masks = structured_mask(groups_for("lenet", (3, 32, 32), 10), structure, state,
-                            strict=False)
-    for name, m in masks.items():
-        assert torch.count_nonzero(state[name][~m]) == 0, name

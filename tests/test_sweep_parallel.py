@@ -1,7 +1,7 @@
 """`bonsai sweep --parallel N` (fl.sweep.run_study_parallel, fl/cellproc.py): at most N
 cells at once, the skip rules of the sequential sweep, a failed cell does not stop the
-others, Ctrl-C stops every running cell; and one real run that reproduces the
-sequential sweep's per-round accuracies and resumes after a SIGINT."""
+others, Ctrl-C stops every running cell; and one real run that resumes after a SIGINT
+and reproduces the per-round accuracies of each cell run on its own."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from loopback import run_in_process
 from processes import bonsai, wait_gone
 
 from fl.cellproc import INTERRUPTED
@@ -192,9 +193,9 @@ def accuracies(study_dir):
 
 
 @pytest.mark.slow
-def test_parallel_sweep_reproduces_the_sequential_one_and_resumes_after_sigint(tmp_path):
-    """Two cells at once, interrupted while both run, resumed, then the same study one
-    cell after another: the same per-round accuracies. (That a finished cell is skipped
+def test_parallel_sweep_resumes_after_sigint_and_reproduces_each_cell_alone(tmp_path):
+    """Two cells at once, interrupted while both run, resumed, then each cell alone: the
+    same per-round accuracies. (That a finished cell is skipped
     on resume is the fake-cell tests' part: the sequential rules, which this runner
     shares.)"""
     mark = uuid.uuid4().hex
@@ -223,14 +224,16 @@ def test_parallel_sweep_reproduces_the_sequential_one_and_resumes_after_sigint(t
     assert f"ran {len(stopped)}, skipped {2 - len(stopped)} finished earlier, failed 0" in out
     assert not (left := wait_gone(mark, 10.0)), left
 
-    seq, seq_dir = write(tmp_path, "sequential")
-    proc = bonsai(["sweep", str(seq), "--quiet"], mark)
-    out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    got, want = accuracies(par_dir), accuracies(seq_dir)
+    # each cell alone, in this process (tests/loopback.py: the same seeded run)
+    study = parse_study({**STUDY, "output_dir": str(tmp_path / "alone")})
+    configs, bad = validate_cells(expand(study))
+    assert not bad
+    for cfg in configs.values():
+        run_in_process(cfg, cfg.run_dir)
+    got, want = accuracies(par_dir), accuracies(study.dir)
     assert sorted(got) == ["seed=0", "seed=1"]
     assert all(len(a) == 3 for a in got.values())  # rounds 0, 1, 2, each once
-    assert got == want  # seeded: exactly the sequential sweep's
+    assert got == want  # seeded: exactly each cell's run on its own
 
 
 @pytest.mark.slow
