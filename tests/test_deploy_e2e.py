@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from loopback import run_in_process
 from processes import bonsai, leftovers, wait_gone
+from test_tracking import F32, mlflow_artifacts, mlflow_history, mlflow_runs, tb_scalars
 
 from fl.config import load
 from fl.deploy import LocalNode
@@ -67,10 +68,15 @@ def setup(tmp_path_factory):
 
 
 def test_deploy_local_two_nodes_tls_auth_own_data(setup, tmp_path):
+    """Two nodes over TLS with node authentication, each on its own file; the ServerApp
+    (its own process, started by the SuperLink) also writes to MLflow and TensorBoard as
+    a simulation's does (tests/test_tracking.py)."""
     exp, data = setup
     mark = uuid.uuid4().hex
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
     proc = bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(data),
-                    "--threads", "1", "--device", "cpu", "--set", f"output_dir={tmp_path}/r"],
+                    "--threads", "1", "--device", "cpu", "--set", f"output_dir={tmp_path}/r",
+                    "--set", f"tracking.mlflow_uri={uri}", "--set", "tracking.tensorboard=true"],
                    mark)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
@@ -100,6 +106,16 @@ def test_deploy_local_two_nodes_tls_auth_own_data(setup, tmp_path):
     r = export_run(run_dir, "torchscript", runs=3)
     assert r.structured and r.params < 0.8 * r.full_params
     assert r.equal_predictions == r.test_examples
+    # the trackers got every round (the experiment is named after the run)
+    (run,) = mlflow_runs(uri, "deploy-test")
+    assert run.info.status == "FINISHED"
+    for key in ("accuracy", "loss", "cum_bytes"):
+        assert mlflow_history(uri, run.info.run_id, key) == [
+            (r["round"], float(r[key])) for r in rounds], key
+    assert mlflow_artifacts(uri, run.info.run_id) == {"final_model.pt", "structure.json",
+                                                     "summary.json"}
+    assert tb_scalars(run_dir / "tensorboard")["accuracy"] == pytest.approx(
+        {r["round"]: r["accuracy"] for r in rounds}, rel=F32)
 
 
 def test_ctrl_c_stops_every_process(setup, tmp_path):

@@ -45,8 +45,13 @@ def run_alone(run_dir, extra=()):
     return read_rounds(run_dir)
 
 
+FEDLD = ["--set", "strategy.name=fedld"]
+
+
 def test_two_round_simulation_writes_results_learns_and_reproduces(tmp_path):
-    run_dir, out = run_ok(tmp_path, "a")
+    """Two rounds of FedLD (AutoFLIP's real run: conftest.py autoflip_run): the results
+    files, learning, margin control on by default, and the same records again."""
+    run_dir, out = run_ok(tmp_path, "a", FEDLD)
     assert f"results: {run_dir}" in out
     for f in ("config.json", "rounds.jsonl", "rounds.csv", "summary.json", "final_model.pt"):
         assert (run_dir / f).is_file(), f
@@ -58,11 +63,13 @@ def test_two_round_simulation_writes_results_learns_and_reproduces(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_accuracy"] == rounds[2]["accuracy"]
     assert 0 < summary["discovery_seconds"] < summary["wall_seconds"]
-    assert json.loads((run_dir / "config.json").read_text())["partition"]["num_clients"] == 3
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["partition"]["num_clients"] == 3 and config["strategy"]["name"] == "fedld"
+    assert config["objective"]["margin_lambda"] == 0.1  # margin control on by default
 
     # seeded: the same experiment run again (in this process, tests/loopback.py) gives
     # the same records
-    again = run_alone(tmp_path / "again")
+    again = run_alone(tmp_path / "again", FEDLD)
     assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rounds]
     assert [r["loss"] for r in again] == [r["loss"] for r in rounds]
 
@@ -117,16 +124,6 @@ def test_autoflip_simulation_explores_prunes_and_saves_bytes(autoflip_run):
     zeros = sum(int((state[n] == 0).sum()) for n in weights)
     total = sum(state[n].numel() for n in weights)
     assert zeros / total > 0.7
-
-
-def test_fedld_simulation_three_rounds(tmp_path):
-    run_dir, _ = run_ok(tmp_path, "ld", ["--set", "strategy.name=fedld", "--set", "rounds=3"])
-    rounds = read_rounds(run_dir)
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
-    assert rounds[3]["accuracy"] > rounds[0]["accuracy"] + 0.3
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["strategy"]["name"] == "fedld"
-    assert config["objective"]["margin_lambda"] == 0.1  # margin control on by default
 
 
 def test_guidance_diagnostic_in_a_simulation(autoflip_run):

@@ -4,9 +4,10 @@ Every tracker's output is read back with that tracker's own tooling and compared
 with the records: TensorBoard's event reader, ``wandb leet inspect --json`` on the
 offline run's .wandb log, and ``MlflowClient`` on a SQLite store in tmp. The unit
 tests feed a fake record stream through fl.results.RunRecorder (as the round loop
-does); the slow ones run real Flower simulations through ``python -m fl.cli``.
-Nothing reaches the network (tests/conftest.py: W&B offline; SQLite or a closed
-port for MLflow).
+does); the slow one runs a real Flower simulation through ``python -m fl.cli`` (a
+deployment's ServerApp logging to MLflow and TensorBoard is checked in
+tests/test_deploy_e2e.py, on its TLS run). Nothing reaches the network
+(tests/conftest.py: W&B offline; SQLite or a closed port for MLflow).
 """
 
 from __future__ import annotations
@@ -574,54 +575,3 @@ def test_bonsai_run_logs_to_tensorboard_wandb_and_mlflow(tmp_path):
     for r in rounds:
         assert hist[r["round"]] == pytest.approx(
             {k: float(r[k]) for k in numeric if k in r}, rel=1e-12)
-
-
-DEPLOY_EXPERIMENT = """\
-# bonsai deploy local THIS_FILE --nodes 2 --data DIR
-name: deploy-trk
-rounds: 1
-model: mlp
-partition:
-  kind: iid
-  num_clients: 2
-train:
-  local_epochs: 1
-  batch_size: 32
-strategy:
-  name: fedavg
-  min_train_clients: 2
-  round_timeout: 60
-tracking:
-  tensorboard: true
-"""
-
-
-@pytest.mark.slow
-def test_deploy_local_logs_from_the_serverapp_the_same_way(tmp_path):
-    """The deployment runtime's ServerApp (its own process, started by the SuperLink)
-    writes to the trackers as the simulation's does."""
-    from fl.deploy.split import write_split
-
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(DEPLOY_EXPERIMENT)
-    write_split(c.load(exp), tmp_path / "data")
-    uri = f"sqlite:///{tmp_path}/mlruns.db"
-    mark = uuid.uuid4().hex
-    proc = bonsai(["deploy", "local", str(exp), "--nodes", "2", "--data", str(tmp_path / "data"),
-                   "--insecure", "--quiet", "--threads", "1", "--device", "cpu",
-                   "--set", f"output_dir={tmp_path / 'out'}",
-                   "--set", f"tracking.mlflow_uri={uri}"], mark)
-    out, err = proc.communicate(timeout=400)
-    assert proc.returncode == 0, err[-3000:]
-    assert not (left := wait_gone(mark)), left
-    (run_dir,) = (tmp_path / "out").iterdir()
-    rounds = read_rounds(run_dir)
-    assert [r["round"] for r in rounds] == [0, 1]
-    (run,) = mlflow_runs(uri, "deploy-trk")
-    assert run.info.status == "FINISHED"
-    for key in ("accuracy", "loss", "cum_bytes"):
-        assert mlflow_history(uri, run.info.run_id, key) == [
-            (r["round"], float(r[key])) for r in rounds], key
-    assert mlflow_artifacts(uri, run.info.run_id) == {"final_model.pt", "summary.json"}
-    assert tb_scalars(run_dir / "tensorboard")["accuracy"] == pytest.approx(
-        {r["round"]: r["accuracy"] for r in rounds}, rel=F32)
