@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from logging import WARNING
-from typing import Any
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
@@ -38,18 +37,19 @@ from flwr.serverapp import Grid
 
 from fl import packing
 from fl.wire import message_nbytes
+from server.gridproxy import GridProxy
 
 __all__ = ["CohortGrid"]
 
 
-class CohortGrid(Grid):
+class CohortGrid(GridProxy):
     """Clients ``0..num_clients-1`` as nodes, trained by ``workers`` (node ids in
     worker-index order); see the module docstring."""
 
     def __init__(self, grid: Grid, workers: Sequence[int], num_clients: int):
         if not workers:
             raise ValueError("workers: at least one worker node is needed")
-        self.grid = grid
+        super().__init__(grid)
         self.workers = list(workers)
         self.num_clients = num_clients
         self._down = self._up = 0
@@ -128,20 +128,7 @@ class CohortGrid(Grid):
                 out.append(Message(content, reply_to=m))
         return out
 
-    # --- the rest of the Grid ---------------------------------------------------------
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_nodes(self) -> Any:
-        return self.grid.get_nodes()
-
+    # --- per-client push/pull: not possible ----------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("CohortGrid packs clients' messages in send_and_receive; "
                                   "push/pull of per-client messages is not supported")

@@ -7,7 +7,7 @@ marked offline) would hang the ServerApp. :class:`NodeGuard` wraps the Grid
 after discovery and raises :class:`~server.population.FederationError` with a
 clear message once fewer than ``min_nodes`` nodes have been connected for
 longer than ``timeout`` seconds, and gives every message it sends the round's
-timeout as its time to live. Everything else is passed through.
+timeout as its time to live. Everything else is passed through (server/gridproxy.py).
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from server.gridproxy import GridProxy
 from server.population import FederationError
 
 
-class NodeGuard(Grid):
+class NodeGuard(GridProxy):
     """Delegate to ``grid``; fail after ``timeout`` s with fewer than ``min_nodes`` nodes."""
 
     def __init__(self, grid: Grid, min_nodes: int, timeout: float,
                  clock: Any = time.monotonic):
-        self.grid = grid
+        super().__init__(grid)
         self.min_nodes = min_nodes
         self.timeout = timeout
         self._clock = clock
@@ -52,26 +53,6 @@ class NodeGuard(Grid):
                 f"strategy.round_timeout); the run stops")
         return ids
 
-    # --- pass-through ------------------------------------------------------------------
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_nodes(self) -> Any:
-        return self.grid.get_nodes()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         """Flower's, with each message's TTL set to ``timeout``: a message lives as long
@@ -83,8 +64,3 @@ class NodeGuard(Grid):
             for m in messages:
                 m.metadata.ttl = float(timeout)
         return self.grid.send_and_receive(messages, timeout=timeout)
-
-    def __getattr__(self, name: str) -> Any:  # anything a Grid subclass adds
-        if name == "grid":
-            raise AttributeError(name)
-        return getattr(self.grid, name)
