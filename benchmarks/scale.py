@@ -302,14 +302,10 @@ def run_plain(n: int, data: Path, work: Path, a: argparse.Namespace) -> dict[str
     fed = f"num-supernodes={n} client-resources-num-cpus=1 client-resources-num-gpus=0.0"
     log_dir = work / f"plain-{n}"
     with SimulationRuntime(log_dir) as rt:
-        log = open(log_dir / "flower.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [flower_bin("flwr"), "run", str(PLAIN_APP), CONNECTION, "--stream", "--run-config",
-             str(run_config), "--federation-config", fed],
-            env={**rt.env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=str(PLAIN_APP), start_new_session=True)
-        log.close()
-        rt.children.append(proc)
+        proc = rt.procs.start(
+            "flwr-run", [flower_bin("flwr"), "run", str(PLAIN_APP), CONNECTION, "--stream",
+                         "--run-config", str(run_config), "--federation-config", fed],
+            log_dir / "flower.log", env={"PYTHONPATH": str(ROOT)}, cwd=str(PLAIN_APP))
         rc_ = proc.wait()
     if not times.exists():
         tail = (log_dir / "flower.log").read_text(errors="replace").splitlines()[-20:]
