@@ -60,7 +60,6 @@ class StudyResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-
 def _progress(console: Any, live: bool) -> Any:
     """The sweep's bars: one for the cells, then one per running cell or round."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
