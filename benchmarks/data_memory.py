@@ -52,7 +52,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fl.proctree import descendants  # noqa: E402
+from fl.proctree import descendants, marked  # noqa: E402
 
 MARK = "BONSAI_DATA_MEMORY_MARK"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -89,18 +89,7 @@ def write_parquet(path: Path, seed: int = 0) -> None:
 def _pids(mark: str) -> set[int]:
     """The run's processes: those carrying the mark, and every descendant of this one
     (Ray's agents rewrite the memory /proc/PID/environ shows; benchmarks/scale.py)."""
-    needle = f"{MARK}={mark}".encode()
-    me = os.getpid()
-    out = set(descendants(me))
-    for e in os.listdir("/proc"):
-        if e.isdigit() and int(e) != me:
-            try:
-                if needle in Path(f"/proc/{e}/environ").read_bytes().split(b"\0"):
-                    out.add(int(e))
-            except OSError:
-                pass
-    out.discard(me)
-    return out
+    return set(descendants(os.getpid())) | set(marked(mark, key=MARK))
 
 
 def _title(pid: int) -> str:

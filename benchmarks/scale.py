@@ -82,7 +82,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fl.config import build  # noqa: E402
-from fl.proctree import descendants  # noqa: E402
+from fl.proctree import descendants, marked  # noqa: E402
 from fl.results import read_rounds  # noqa: E402
 from fl.runtime import CONNECTION, SimulationRuntime, flower_bin, toml_value  # noqa: E402
 
@@ -117,18 +117,7 @@ def _run_pids(mark: str) -> set[int]:
     /proc/PID/environ shows, after which the mark cannot be read there; sampled by
     mark only, they dropped out of some runs and not others.
     """
-    needle = f"{MARK}={mark}".encode()
-    me = os.getpid()
-    out = set(descendants(me))
-    for e in os.listdir("/proc"):
-        if e.isdigit() and int(e) != me:
-            try:
-                if needle in Path(f"/proc/{e}/environ").read_bytes().split(b"\0"):
-                    out.add(int(e))
-            except OSError:
-                pass
-    out.discard(me)
-    return out
+    return set(descendants(os.getpid())) | set(marked(mark, key=MARK))
 
 
 def _mem(pid: int) -> tuple[str, int, int] | None:

@@ -78,13 +78,14 @@ def descendants(root: int) -> list[int]:
     return sorted(found)
 
 
-def marked(marker: str) -> list[int]:
-    """Live processes whose environment carries ``BONSAI_RUNTIME_ID=marker``.
+def marked(marker: str, key: str = MARKER_ENV) -> list[int]:
+    """Live processes whose environment carries ``key=marker`` (default:
+    ``BONSAI_RUNTIME_ID``), this one excepted.
 
     Every process a runtime starts inherits that variable, so this finds the
     ones that escaped the parent chain (a daemon re-parented to init), by PID.
     """
-    needle = f"{MARKER_ENV}={marker}".encode()
+    needle = f"{key}={marker}".encode()
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():

@@ -60,6 +60,13 @@ class StudyResult:
     failed: dict[str, str] = field(default_factory=dict)
 
 
+def _progress(console: Any, live: bool) -> Any:
+    """The sweep's bars: one for the cells, then one per running cell or round."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=not live)
+
 def run_study(study: Study, cells: list[Cell], configs: Mapping[str, ExperimentConfig],
               runner: Runner, console: Any = None, live: bool = True,
               poll: float = 0.5) -> StudyResult:
@@ -70,13 +77,11 @@ def run_study(study: Study, cells: list[Cell], configs: Mapping[str, ExperimentC
     and the study goes on; KeyboardInterrupt stops it (finished cells stay).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = console or Console()
     write_manifest(study, cells)
     result = StudyResult()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=not live)
+    progress = _progress(console, live)
     cells_task = progress.add_task("[bold]cells", total=len(cells))
     rounds_task = progress.add_task("rounds", total=1, visible=False)
     with progress:
@@ -155,14 +160,12 @@ def run_study_parallel(study: Study, cells: list[Cell], configs: Mapping[str, Ex
     ``launch(cfg, target)`` starts a cell (default: fl.cellproc.CellProcess).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     launch = launch or CellProcess
     console = console or Console()
     write_manifest(study, cells)
     result = StudyResult()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=not live)
+    progress = _progress(console, live)
     cells_task = progress.add_task("[bold]cells", total=len(cells))
     queue: deque[tuple[int, Cell]] = deque()
     for i, cell in enumerate(cells, 1):

@@ -9,6 +9,7 @@ import torch
 
 from fl.kernels import BACKENDS, masked_adamw_step, masked_sgd_step, quantile, use_triton
 from fl.optim.flat import padded
+from fl.optim.hyper import check_adamw, check_sgd
 
 __all__ = ["CohortAdamW", "CohortOptimizer", "CohortSGD"]
 
@@ -267,12 +268,7 @@ class CohortSGD(CohortOptimizer):
         *,
         backend: str = "auto",
     ) -> None:
-        if not isinstance(momentum, int | float) or momentum < 0:
-            raise ValueError(f"momentum: expected a non-negative float, got {momentum!r}")
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov: requires momentum > 0")
-        if not isinstance(weight_decay, int | float) or weight_decay < 0:
-            raise ValueError(f"weight_decay: expected a non-negative float, got {weight_decay!r}")
+        check_sgd(momentum, nesterov, weight_decay)
         self._state_keys = ("momentum_buffer",) if momentum != 0 else ()
         self.momentum, self.weight_decay, self.nesterov = momentum, weight_decay, nesterov
         super().__init__(params, lr, prox_mu, clip_value, clip_quantile, masks, backend)
@@ -318,17 +314,8 @@ class CohortAdamW(CohortOptimizer):
         *,
         backend: str = "auto",
     ) -> None:
-        if (
-            not isinstance(betas, tuple | list)
-            or len(betas) != 2
-            or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
-        ):
-            raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
-        if not isinstance(eps, int | float) or eps < 0:
-            raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
-        if not isinstance(weight_decay, int | float) or weight_decay < 0:
-            raise ValueError(f"weight_decay: expected a non-negative float, got {weight_decay!r}")
-        self.betas, self.eps, self.weight_decay = tuple(betas), eps, weight_decay
+        self.betas = check_adamw(betas, eps, weight_decay)
+        self.eps, self.weight_decay = eps, weight_decay
         super().__init__(params, lr, prox_mu, clip_value, clip_quantile, masks, backend)
         self.steps = [0] * self.rows  #: each client's step count
 

@@ -10,6 +10,7 @@ import torch
 
 from fl.kernels import BACKENDS, masked_adamw_step, masked_sgd_step, quantile
 from fl.optim.flat import FlatBuffers, check_masks_arg
+from fl.optim.hyper import check_adamw, check_sgd
 
 __all__ = ["MaskedAdamW", "MaskedOptimizer", "MaskedSGD"]
 
@@ -254,10 +255,7 @@ class MaskedSGD(MaskedOptimizer):
         *,
         backend: str = "auto",
     ) -> None:
-        if not isinstance(momentum, int | float) or momentum < 0:
-            raise ValueError(f"momentum: expected a non-negative float, got {momentum!r}")
-        if nesterov and momentum <= 0:
-            raise ValueError("nesterov: requires momentum > 0")
+        check_sgd(momentum, nesterov, weight_decay)
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
             prox_mu=prox_mu, clip_value=clip_value, clip_quantile=clip_quantile,
@@ -322,16 +320,9 @@ class MaskedAdamW(MaskedOptimizer):
         *,
         backend: str = "auto",
     ) -> None:
-        if (
-            not isinstance(betas, tuple | list)
-            or len(betas) != 2
-            or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas)
-        ):
-            raise ValueError(f"betas: expected two floats in [0, 1), got {betas!r}")
-        if not isinstance(eps, int | float) or eps < 0:
-            raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+        betas = check_adamw(betas, eps, weight_decay)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, prox_mu=prox_mu,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, prox_mu=prox_mu,
             clip_value=clip_value, clip_quantile=clip_quantile,
         )  # fmt: skip
         self._steps: dict[int, torch.Tensor] = {}
