@@ -89,9 +89,37 @@ class _Walk:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that checks the composed graph before constructing anything."""
+    """SafeLoader that checks the composed graph before constructing anything, and
+    resolves merge keys (``<<``) itself."""
 
     source = "YAML"
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Replace the merge keys of ``node`` by the pairs they bring in, before its own
+        pairs (which therefore win); of several merged mappings the earlier wins, and a
+        merged mapping's own merges count as its keys (YAML's merge type).
+
+        PyYAML does this too, but 6.0.4 changed how a merged mapping's own merges
+        rank (``{<<: *x, b: 4}`` with ``x: {<<: *b, a: 3}`` gave ``a: 1``), so the
+        rule is written here, and the merged nodes are left as they are."""
+        node.value = self._pairs(node)
+
+    def _pairs(self, node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        for key, value in node.value:
+            if key.tag != _MERGE_TAG:
+                own.append((key, value))
+                continue
+            sources = value.value if isinstance(value, yaml.SequenceNode) else [value]
+            for src in reversed(sources):  # later ones first: the earlier ones override
+                if not isinstance(src, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or list of mappings for merging, but found "
+                        f"{src.id}", src.start_mark)
+                merged.extend(self._pairs(src))
+        return merged + own
 
     def construct_document(self, node: yaml.Node) -> Any:
         size = _Walk(self.source).count(node)
