@@ -50,10 +50,10 @@ def check(end: str, work: Path) -> dict:
     py = str(venv / "bin" / "python")
     t0 = time.perf_counter()
     result: dict = {"end": end, "pins": ENDS[end], "date": time.strftime("%Y-%m-%d")}
-    steps = [[sys.executable, "-m", "venv", str(venv)]]
-    if ENDS[end]:
-        steps.append([py, "-m", "pip", "install", "-q", *ENDS[end]])
-    steps.append([py, "-m", "pip", "install", "-q", "-e", ".[test]"])
+    # the pins and the project in one command, so that the resolver keeps the pins
+    # (installed first, a later dependency could upgrade them: pandas 3 needs numpy 2)
+    steps = [[sys.executable, "-m", "venv", str(venv)],
+             [py, "-m", "pip", "install", "-q", "-e", ".[test]", *ENDS[end]]]
     for step in steps:
         if _run(step, log) != 0:
             result.update(install_failed=" ".join(step[3:]), log=str(log))
