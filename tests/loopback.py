@@ -3,6 +3,8 @@ node, in this process (no Ray), and contexts for one node per client or for work
 
 from __future__ import annotations
 
+import contextlib
+
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from clients.app import (
@@ -56,15 +58,23 @@ class Loopback:
 def run_in_process(cfg: c.ExperimentConfig, run_dir) -> dict:
     """``server.app.run_experiment`` over a Loopback grid: one node per client, or in
     cohort mode ``simulation.workers`` worker nodes; returns the summary."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from server.app import run_experiment
 
     cfg.run_dir = str(run_dir)
     count = cfg.simulation.workers if cfg.simulation.cohort_size else cfg.partition.num_clients
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # Message needs it
-    try:
+    with task_identity():
         return run_experiment(Loopback(contexts(cfg, [7000 + i for i in range(count)])), cfg)
+
+
+@contextlib.contextmanager
+def task_identity():
+    """Flower's task identity set as a ServerApp has it (a Message needs one), then put
+    back."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    try:
+        yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -14,8 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-from loopback import Loopback, contexts
+from loopback import Loopback, contexts, task_identity
 
 from clients.app import evaluate_handler, query
 from fl import config as c
@@ -34,11 +33,9 @@ MEASURED = {contract.TRAIN_SECONDS, contract.PEAK_MEMORY_MB}
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def _task_identity():
+    with task_identity():
+        yield
 
 
 def experiment(*overrides, mode="sequential"):

@@ -17,7 +17,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
+from loopback import task_identity
 
 from clients.app import decompose_handler, explore_handler, train_handler
 from fl import config as c
@@ -31,11 +31,9 @@ NODES = [101, 102, 103]
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+def _task_identity():
+    with task_identity():
+        yield
 
 
 def experiment(*overrides):
