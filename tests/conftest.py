@@ -39,6 +39,16 @@ def _remove_flwr_home():
 
 
 @pytest.fixture
+def flower_task():
+    """Flower's task identity set as a ServerApp has it, for tests that build Messages in
+    this process (``pytestmark = pytest.mark.usefixtures("flower_task")``)."""
+    from loopback import task_identity
+
+    with task_identity():
+        yield
+
+
+@pytest.fixture
 def on_test_device():
     """Tensors a test makes land on BONSAI_TEST_DEVICE (cpu unless the GPU check sets
     cuda; kernel_checks)."""

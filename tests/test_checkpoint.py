@@ -14,10 +14,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from processes import bonsai, wait_gone
-from test_strategies import LoopbackGrid, experiment, task_identity  # noqa: F401 - fixture
+from test_strategies import LoopbackGrid, experiment
 
 from fl.checkpoint import Checkpoint, CheckpointError, check_plain, load, save
 from fl.results import RunRecorder
+
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 class _Payload:

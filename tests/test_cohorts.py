@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from loopback import Loopback, contexts, task_identity
+from loopback import Loopback, contexts
 
 from clients.app import evaluate_handler, query
 from fl import config as c
@@ -25,17 +25,13 @@ from server.cohorts import CohortGrid
 from server.population import FederationError, discover_workers
 from strategies import build_strategy
 
+pytestmark = pytest.mark.usefixtures("flower_task")
+
 CLIENTS, WORKERS = 6, 2
 NODE_IDS = [1000 + i for i in range(CLIENTS)]  # the reference: one node per client
 WORKER_IDS = [501, 502]
 #: measured, not computed: they differ between any two runs
 MEASURED = {contract.TRAIN_SECONDS, contract.PEAK_MEMORY_MB}
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    with task_identity():
-        yield
 
 
 def experiment(*overrides, mode="sequential"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
-from test_strategies import LoopbackGrid, experiment, task_identity  # noqa: F401 - autouse
+from test_strategies import LoopbackGrid, experiment
 
 from fl import contract as k
 from fl.results import RunRecorder, read_rounds
@@ -16,6 +16,8 @@ from fl.sampling import sample_clients
 from server.guard import NodeGuard
 from server.population import Membership
 from server.rounds import run_rounds
+
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 class FlakyGrid(LoopbackGrid):

@@ -17,7 +17,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from loopback import task_identity
 
 from clients.app import decompose_handler, explore_handler, train_handler
 from fl import config as c
@@ -27,13 +26,9 @@ from fl.models import build_model
 from fl.pruning import count_flops
 from strategies import AutoFLIP, FedLD, PrunedStrategy, SeededFedAvg, build_strategy
 
+pytestmark = pytest.mark.usefixtures("flower_task")
+
 NODES = [101, 102, 103]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    with task_identity():
-        yield
 
 
 def experiment(*overrides):
