@@ -241,6 +241,7 @@ class ResourcesConfig:
 
 #: how a worker trains its clients (fl.cohort.MODES; tests/test_cohorts.py keeps them equal)
 COHORT_MODES = ("auto", "sequential", "vectorised")
+OVERLAP_CHOICES = ("auto", "always", "never")
 
 
 @dataclass
@@ -257,6 +258,14 @@ class SimulationConfig:
     cohort_mode: str = _f("auto", choices=COHORT_MODES,
                           doc="cohort mode: how a worker trains its clients (auto: one after "
                               "another on a CPU, vectorised on a GPU)")
+    overlap_evaluation: str = _f("auto", choices=OVERLAP_CHOICES,
+                                 doc="evaluate round r on the server while round r + 1 "
+                                     "trains (auto: in cohort mode; server/rounds.py)")
+
+    def overlaps_evaluation(self) -> bool:
+        """Whether the round loop evaluates beside the next round's training."""
+        return (self.overlap_evaluation == "always"
+                or (self.overlap_evaluation == "auto" and self.cohort_size > 0))
 
 
 @dataclass

@@ -128,7 +128,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                        on_round_start=rejoin if members is not None else None,
                        partition_of=members.partition_id if members is not None
                        else (lambda n: n),  # cohort mode: the pseudo node id is the partition
-                       guidance_check=guidance_check, cohorts=cohorts)
+                       guidance_check=guidance_check, cohorts=cohorts,
+                       overlap=cfg.simulation.overlaps_evaluation())
     if cohorts is not None:
         extra = cohort_summary(cfg, cohorts, recorder.rounds)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")

@@ -8,8 +8,11 @@ moment it ends. It calls Flower's five strategy hooks and the few that
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
@@ -33,6 +36,29 @@ EvaluateFn = Callable[[int, ArrayRecord], dict[str, float]]
 
 class RunStopped(RuntimeError):
     """The process is shutting down (Ctrl-C, a kill): the round in progress is dropped."""
+
+
+def _cut(rnd: int) -> None:
+    log(WARNING, "round %d was cut by the shutdown: not recorded (the checkpoint stays at "
+        "round %d)", rnd, rnd - 1)
+    raise RunStopped(f"stopped during round {rnd}")
+
+
+@dataclass
+class _Closed:
+    """A trained and aggregated round, waiting to be recorded and checkpointed: its
+    server evaluation (done, or still running beside the next round when
+    ``overlapped``), what the strategy reported and held after it, the counters."""
+
+    round: int
+    started: float  #: time.perf_counter() when the round began
+    metrics: dict[str, float] | Future[dict[str, float]]
+    info: dict[str, Any]  #: strategy.round_info() after the round
+    rest: dict[str, Any]  #: the record's bytes, FLOPs, clients, ...
+    arrays: ArrayRecord
+    state: dict[str, Any]  #: strategy.state_dict() after the round (copied if overlapped)
+    counters: dict[str, int]
+    overlapped: bool = False
 
 
 def _bytes(messages: Iterable[Message]) -> int:
@@ -81,6 +107,7 @@ def run_rounds(
     partition_of: Callable[[int], int | None] | None = None,
     guidance_check: GuidanceCheck | None = None,
     cohorts: CohortGrid | None = None,
+    overlap: bool = False,
 ) -> ArrayRecord:
     """Run rounds up to ``num_rounds`` and record and checkpoint each; return the final
     global arrays. With ``resume_from``, continue after its round with its state.
@@ -105,6 +132,16 @@ def run_rounds(
     what the per-client messages measure (what one client per message sends); each
     record adds ``workers`` and ``packed_bytes_down``/``packed_bytes_up``, what the
     training exchange's packed messages measured.
+
+    ``overlap``: the server evaluates round r in a background thread while round
+    r + 1 trains (the clients or workers would otherwise wait for it), unless the
+    strategy's next round depends on that evaluation
+    (``evaluation_steers_next_round``), a diagnostic is due, or r is the last
+    round. Round r is then recorded and checkpointed (with the strategy's state as
+    it was after round r) once round r + 1's replies are in; its ``seconds`` run
+    from its start to round r + 1's. The records and checkpoints are the same as
+    without overlap, apart from the seconds; a round that ended before a failure or
+    shutdown is still recorded.
     """
 
     def packed() -> tuple[int, int]:
@@ -142,71 +179,108 @@ def run_rounds(
                             "cum_flops": cum_flops, "clients": phase.clients, "failures": 0,
                             **phase_packed})
         start = 1
-    for rnd in range(start, num_rounds + 1):
-        if stopping():
-            raise RunStopped(f"stopped before round {rnd}")
-        t = time.perf_counter()
-        if on_round_start is not None:
-            on_round_start(rnd)
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
-        down = _bytes(msgs)
-        before = packed()
-        replies = list(grid.send_and_receive(msgs, timeout=timeout))
-        round_packed = packed_fields(before)
-        up = _bytes(replies)
-        failures = sum(1 for r in replies if r.has_error()) + len(msgs) - len(replies)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
-        if new_arrays is None:
-            log(WARNING, "round %d: no usable replies; the global model is unchanged", rnd)
-        else:
-            arrays = new_arrays
-        eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
-        fed_eval: MetricRecord | None = None
-        if eval_msgs:
-            eval_replies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
-            fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
-        metrics = evaluate_fn(rnd, arrays)
-        strategy.observe_evaluation(rnd, metrics["loss"], metrics["accuracy"])
-        if guidance_check is not None and guidance_check.due(rnd):
-            metrics.update(guidance_check(rnd, arrays, strategy))
-        if decompose_every and rnd % decompose_every == 0 and new_arrays is not None:
-            metrics.update(decompose_round(grid, strategy.client_states(), arrays, rnd,
-                                           timeout))
-        ok = [r for r in replies if not r.has_error()]
-        flops = sum(int(r.content[contract.METRICS].get(contract.TRAIN_FLOPS, 0))
-                    for r in ok if contract.METRICS in r.content)
-        cum_bytes += down + up
-        cum_flops += flops
-        cum_dense += dense_msg * (len(msgs) + len(ok))
-        record: dict[str, Any] = {
-            "round": rnd, **metrics, **strategy.round_info(),
-            "seconds": round(time.perf_counter() - t, 4),
-            "bytes_down": down, "bytes_up": up, "cum_bytes": cum_bytes,
-            "bytes_saved": round(1.0 - cum_bytes / max(1, cum_dense), 6),
-            "train_flops": flops, "cum_flops": cum_flops,
-            "clients": len(ok), "failures": failures, **round_packed,
-        }
-        if partition_of is not None:
-            replied = {r.metadata.src_node_id for r in ok}
-            record["participants"] = _partitions(partition_of, replied)
-            record["failed"] = _partitions(
-                partition_of, {m.metadata.dst_node_id for m in msgs} - replied)
-        if ray_nodes := _ray_nodes(ok):
-            record["ray_nodes"] = ray_nodes
-        if train_metrics is not None and contract.TRAIN_LOSS in train_metrics:
-            record["train_loss"] = float(train_metrics[contract.TRAIN_LOSS])
-        if fed_eval is not None and contract.EVAL_ACCURACY in fed_eval:
-            record["federated_accuracy"] = float(fed_eval[contract.EVAL_ACCURACY])
-        if stopping():
-            log(WARNING, "round %d was cut by the shutdown: not recorded (the checkpoint "
-                "stays at round %d)", rnd, rnd - 1)
-            raise RunStopped(f"stopped during round {rnd}")
+    def close(r: _Closed, seconds: float) -> None:
+        """Record and checkpoint a finished round (its evaluation done)."""
+        metrics = r.metrics.result() if isinstance(r.metrics, Future) else r.metrics
+        if r.overlapped:
+            strategy.observe_evaluation(r.round, metrics["loss"], metrics["accuracy"])
+        record = {"round": r.round, **metrics, **r.info, "seconds": round(seconds, 4),
+                  **r.rest}
         recorder.add_round(record)
-        save_checkpoint(recorder.dir, Checkpoint(
-            rnd, arrays.to_torch_state_dict(),
-            strategy.state_dict(),
-            {"bytes": cum_bytes, "flops": cum_flops, "dense": cum_dense}, config_json))
-        log(INFO, "round %d/%d: accuracy %.4f loss %.4f (%.2f s, %d B down, %d B up)", rnd,
-            num_rounds, record["accuracy"], record["loss"], record["seconds"], down, up)
+        save_checkpoint(recorder.dir, Checkpoint(r.round, r.arrays.to_torch_state_dict(),
+                                                 r.state, r.counters, config_json))
+        log(INFO, "round %d/%d: accuracy %.4f loss %.4f (%.2f s, %d B down, %d B up)",
+            r.round, num_rounds, record["accuracy"], record["loss"], record["seconds"],
+            r.rest["bytes_down"], r.rest["bytes_up"])
+
+    # overlap: the server's evaluation of round r runs in this thread pool while round
+    # r + 1 trains (the workers would otherwise wait for it); its record and checkpoint
+    # follow when round r + 1's replies are in
+    pool = ThreadPoolExecutor(1, thread_name_prefix="bonsai-eval") if overlap else None
+    pending: _Closed | None = None
+    try:
+        for rnd in range(start, num_rounds + 1):
+            if stopping():
+                raise RunStopped(f"stopped before round {rnd}")
+            t = time.perf_counter()
+            if on_round_start is not None:
+                on_round_start(rnd)
+            msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)),
+                                                 grid))
+            down = _bytes(msgs)
+            before = packed()
+            replies = list(grid.send_and_receive(msgs, timeout=timeout))
+            if pending is not None:
+                close(pending, t - pending.started)
+                pending = None
+            round_packed = packed_fields(before)
+            up = _bytes(replies)
+            failures = sum(1 for r in replies if r.has_error()) + len(msgs) - len(replies)
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            if new_arrays is None:
+                log(WARNING, "round %d: no usable replies; the global model is unchanged", rnd)
+            else:
+                arrays = new_arrays
+            eval_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord({}), grid))
+            fed_eval: MetricRecord | None = None
+            if eval_msgs:
+                eval_replies = list(grid.send_and_receive(eval_msgs, timeout=timeout))
+                fed_eval = strategy.aggregate_evaluate(rnd, eval_replies)
+            ok = [r for r in replies if not r.has_error()]
+            flops = sum(int(r.content[contract.METRICS].get(contract.TRAIN_FLOPS, 0))
+                        for r in ok if contract.METRICS in r.content)
+            cum_bytes += down + up
+            cum_flops += flops
+            cum_dense += dense_msg * (len(msgs) + len(ok))
+            rest: dict[str, Any] = {
+                "bytes_down": down, "bytes_up": up, "cum_bytes": cum_bytes,
+                "bytes_saved": round(1.0 - cum_bytes / max(1, cum_dense), 6),
+                "train_flops": flops, "cum_flops": cum_flops,
+                "clients": len(ok), "failures": failures, **round_packed,
+            }
+            if partition_of is not None:
+                replied = {r.metadata.src_node_id for r in ok}
+                rest["participants"] = _partitions(partition_of, replied)
+                rest["failed"] = _partitions(
+                    partition_of, {m.metadata.dst_node_id for m in msgs} - replied)
+            if ray_nodes := _ray_nodes(ok):
+                rest["ray_nodes"] = ray_nodes
+            if train_metrics is not None and contract.TRAIN_LOSS in train_metrics:
+                rest["train_loss"] = float(train_metrics[contract.TRAIN_LOSS])
+            if fed_eval is not None and contract.EVAL_ACCURACY in fed_eval:
+                rest["federated_accuracy"] = float(fed_eval[contract.EVAL_ACCURACY])
+            counters = {"bytes": cum_bytes, "flops": cum_flops, "dense": cum_dense}
+            guidance_due = guidance_check is not None and guidance_check.due(rnd)
+            decompose_due = (bool(decompose_every) and rnd % decompose_every == 0
+                             and new_arrays is not None)
+            if (pool is not None and rnd < num_rounds and not guidance_due
+                    and not decompose_due and not strategy.evaluation_steers_next_round()):
+                if stopping():
+                    _cut(rnd)
+                pending = _Closed(rnd, t, pool.submit(evaluate_fn, rnd, arrays),
+                                  strategy.round_info(), rest, arrays,
+                                  copy.deepcopy(strategy.state_dict()), counters,
+                                  overlapped=True)
+                continue
+            metrics = evaluate_fn(rnd, arrays)
+            strategy.observe_evaluation(rnd, metrics["loss"], metrics["accuracy"])
+            if guidance_due:
+                metrics.update(guidance_check(rnd, arrays, strategy))
+            if decompose_due:
+                metrics.update(decompose_round(grid, strategy.client_states(), arrays, rnd,
+                                               timeout))
+            info = strategy.round_info()
+            if stopping():
+                _cut(rnd)
+            close(_Closed(rnd, t, metrics, info, rest, arrays, strategy.state_dict(), counters),
+                  time.perf_counter() - t)
+    finally:
+        if pending is not None:  # a round that ended before a failure is kept
+            try:
+                close(pending, time.perf_counter() - pending.started)
+            except Exception as exc:  # noqa: BLE001 - the failure in flight is what counts
+                log(WARNING, "round %d could not be recorded: %s", pending.round, exc)
+        if pool is not None:
+            pool.shutdown(wait=True)
     log(INFO, "%d rounds in %.1f s", num_rounds, time.perf_counter() - t0)
     return arrays

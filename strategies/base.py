@@ -56,6 +56,12 @@ class BonsaiStrategy(Strategy):
         """The server's evaluation of the global model after ``server_round`` (0: theta_0):
         a pruning schedule may wait for the loss to fall before it starts (§1.3)."""
 
+    def evaluation_steers_next_round(self) -> bool:
+        """Whether :meth:`observe_evaluation` of this round can change how the next one
+        is configured. While it can, the round loop evaluates each round before the
+        next starts; otherwise it may evaluate beside the next round's training."""
+        return False
+
     def guidance_scores(self) -> Mapping[str, torch.Tensor] | None:
         """AutoFLIP's per-entry guidance G in full-model shapes (what its mask rule ranks
         units by, docs/ALGORITHMS.md §1.2), or None for a strategy without it (the

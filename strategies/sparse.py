@@ -327,6 +327,10 @@ class SparseStrategy(Population):
         if self.policy is not None:
             self.policy.observe_evaluation(server_round, loss, accuracy)
 
+    def evaluation_steers_next_round(self) -> bool:
+        # only while the schedule waits for the loss to fall (pruning.start_when=improved)
+        return self.policy is not None and self.policy.start_round is None
+
     def guidance_scores(self) -> dict[str, torch.Tensor] | None:
         return self.policy.guidance_scores() if self.policy is not None else None
 
