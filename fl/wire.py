@@ -41,6 +41,7 @@ from fl.kernels import (
     scatter_kept,
     unpack_bits,
 )
+from fl.msgsize import recorddict_nbytes
 from protos import bonsai_tensor_pb2 as pb
 
 if TYPE_CHECKING:
@@ -480,16 +481,16 @@ def from_record(record: ArrayRecord) -> bytes:
 def message_nbytes(content: RecordDict | Message) -> int:
     """Serialised size in bytes of a Flower RecordDict or Message.
 
-    Uses Flower's own protobuf serialisation (``flwr.common.serde``): a
-    RecordDict counts ``recorddict_to_proto``, a Message ``message_to_proto``
-    (content plus metadata). This is what bytes-down/bytes-up report. It builds
-    the proto, so it copies the content once.
+    What Flower's own protobuf serialisation (``flwr.common.serde``) writes: a
+    RecordDict ``recorddict_to_proto`` (sized by :func:`fl.msgsize.recorddict_nbytes`
+    without building the arrays' proto), a Message ``message_to_proto`` (content plus
+    metadata; built, so copied once). This is what bytes-down/bytes-up report.
     """
     from flwr.app import Message, RecordDict
     from flwr.common import serde
 
     if isinstance(content, Message):
         return serde.message_to_proto(content).ByteSize()
-    if isinstance(content, RecordDict):
-        return serde.recorddict_to_proto(content).ByteSize()
+    if isinstance(content, RecordDict):  # sized without copying its arrays (fl.msgsize)
+        return recorddict_nbytes(content)
     raise WireError(f"expected a RecordDict or Message, got {type(content).__name__}")
