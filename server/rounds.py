@@ -47,8 +47,8 @@ def _cut(rnd: int) -> None:
 @dataclass
 class _Closed:
     """A trained and aggregated round, waiting to be recorded and checkpointed: its
-    server evaluation (done, or still running beside the next round when
-    ``overlapped``), what the strategy reported and held after it, the counters."""
+    server evaluation (done, or a Future still running beside the next round), what the
+    strategy reported and held after it, the counters."""
 
     round: int
     started: float  #: time.perf_counter() when the round began
@@ -58,7 +58,6 @@ class _Closed:
     arrays: ArrayRecord
     state: dict[str, Any]  #: strategy.state_dict() after the round (copied if overlapped)
     counters: dict[str, int]
-    overlapped: bool = False
 
 
 def _bytes(messages: Iterable[Message]) -> int:
@@ -181,9 +180,11 @@ def run_rounds(
         start = 1
     def close(r: _Closed, seconds: float) -> None:
         """Record and checkpoint a finished round (its evaluation done)."""
-        metrics = r.metrics.result() if isinstance(r.metrics, Future) else r.metrics
-        if r.overlapped:
+        if isinstance(r.metrics, Future):  # evaluated beside the next round
+            metrics = r.metrics.result()
             strategy.observe_evaluation(r.round, metrics["loss"], metrics["accuracy"])
+        else:
+            metrics = r.metrics
         record = {"round": r.round, **metrics, **r.info, "seconds": round(seconds, 4),
                   **r.rest}
         recorder.add_round(record)
@@ -259,8 +260,7 @@ def run_rounds(
                     _cut(rnd)
                 pending = _Closed(rnd, t, pool.submit(evaluate_fn, rnd, arrays),
                                   strategy.round_info(), rest, arrays,
-                                  copy.deepcopy(strategy.state_dict()), counters,
-                                  overlapped=True)
+                                  copy.deepcopy(strategy.state_dict()), counters)
                 continue
             metrics = evaluate_fn(rnd, arrays)
             strategy.observe_evaluation(rnd, metrics["loss"], metrics["accuracy"])

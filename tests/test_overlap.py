@@ -36,8 +36,8 @@ class Watched(LoopbackGrid):
         return super().send_and_receive(messages, timeout)
 
 
-def _run(tmp_path, overlap: bool, rounds: int = 4, stop_in: int | None = None,
-         resume: bool = False, *overrides):
+def _run(tmp_path, *overrides: str, overlap: bool, rounds: int = 4,
+         stop_in: int | None = None, resume: bool = False):
     """run_rounds over a Watched grid; evaluate_fn's calls are logged as (round, thread
     name, whether round r + 1 had been sent when round r's evaluation ended)."""
     cfg, s, contexts = experiment(*AUTOFLIP, *overrides)
@@ -110,10 +110,10 @@ def test_a_round_that_ended_before_a_shutdown_is_recorded_and_resumes_exactly(tm
     with the uninterrupted run's weights and records."""
     whole, whole_rounds, _ = _run(tmp_path / "whole", overlap=True)
     with pytest.raises(RunStopped):
-        _run(tmp_path / "cut", True, 4, 3)
+        _run(tmp_path / "cut", overlap=True, stop_in=3)
     assert [r["round"] for r in read_rounds(tmp_path / "cut")] == [0, 1, 2]
     assert load_checkpoint(tmp_path / "cut").round == 2
-    final, rounds, _ = _run(tmp_path / "cut", True, 4, None, True)
+    final, rounds, _ = _run(tmp_path / "cut", overlap=True, resume=True)
     assert all(torch.equal(final[n], whole[n]) for n in whole)
     assert _without_seconds(rounds) == _without_seconds(whole_rounds)
 
@@ -121,6 +121,6 @@ def test_a_round_that_ended_before_a_shutdown_is_recorded_and_resumes_exactly(tm
 def test_a_schedule_waiting_for_the_loss_is_evaluated_before_each_next_round(tmp_path):
     """pruning.start_when=improved: the next round's mask depends on this round's
     evaluation, so nothing overlaps until the start is decided."""
-    _, _, calls = _run(tmp_path, True, 4, None, False, "pruning.start_when=improved",
-                       "pruning.patience=9")
+    _, _, calls = _run(tmp_path, "pruning.start_when=improved", "pruning.patience=9",
+                       overlap=True)
     assert calls == [(r, False, False) for r in range(5)]
