@@ -260,12 +260,18 @@ class SimulationConfig:
                               "another on a CPU, vectorised on a GPU)")
     overlap_evaluation: str = _f("auto", choices=OVERLAP_CHOICES,
                                  doc="evaluate round r on the server while round r + 1 "
-                                     "trains (auto: in cohort mode; server/rounds.py)")
+                                     "trains (auto: in cohort mode when the server "
+                                     "evaluates on a GPU; server/rounds.py)")
 
-    def overlaps_evaluation(self) -> bool:
-        """Whether the round loop evaluates beside the next round's training."""
+    def overlaps_evaluation(self, device: str) -> bool:
+        """Whether the round loop evaluates beside the next round's training, the server
+        evaluating on ``device`` (a torch device type). ``auto`` overlaps only in cohort
+        mode on a GPU: on a CPU the evaluation takes every core (fl.train.evaluate's
+        threads), and beside the workers it made rounds slower, not faster
+        (docs/RESULTS.md, "Client cohorts")."""
         return (self.overlap_evaluation == "always"
-                or (self.overlap_evaluation == "auto" and self.cohort_size > 0))
+                or (self.overlap_evaluation == "auto" and self.cohort_size > 0
+                    and device == "cuda"))
 
 
 @dataclass

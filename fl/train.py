@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ from fl.config import TrainConfig
 from fl.data import Arrays
 from fl.objectives import margin_loss
 from fl.optim import MaskedAdamW, MaskedSGD
+from fl.scaleout import machine_resources
 
 
 @dataclass(frozen=True)
@@ -110,19 +112,52 @@ def train(
     return TrainResult(last_epoch_loss, n, time.perf_counter() - t0, steps)
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Arrays, device: torch.device, batch_size: int = 512
+    model: nn.Module, data: Arrays, device: torch.device, batch_size: int = 512,
+    threads: int = 1,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on ``data`` (each batch through
-    ``data.transform``, without augmentation)."""
+    ``data.transform``, without augmentation).
+
+    ``threads`` > 1 (CPU only): contiguous runs of batches go to that many Python
+    threads (torch releases the GIL inside its kernels), for a caller whose torch uses
+    fewer threads than it has cores, as the server's central evaluation does beside
+    one-thread workers. The batches and the order their sums are added in are those of
+    one thread, so the result is the same to the last bit. The threads share ``model``
+    in eval mode, which changes nothing in it (BatchNorm reads its running statistics).
+    """
     model.to(device).eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        xb = data.transform(data.x[start:start + batch_size].to(device), None, train=False)
-        yb = data.y[start:start + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
+    starts = list(range(0, len(data), batch_size))
+
+    @torch.no_grad()
+    def run(chunk: list[int]) -> list[tuple[float, int]]:
+        out = []
+        for start in chunk:
+            xb = data.transform(data.x[start:start + batch_size].to(device), None,
+                                train=False)
+            yb = data.y[start:start + batch_size].to(device)
+            logits = model(xb)
+            out.append((float(F.cross_entropy(logits, yb, reduction="sum")),
+                        int((logits.argmax(1) == yb).sum())))
+        return out
+
+    threads = max(1, min(threads, len(starts))) if device.type == "cpu" else 1
+    if threads == 1:
+        sums = run(starts)
+    else:
+        per = -(-len(starts) // threads)
+        chunks = [starts[i:i + per] for i in range(0, len(starts), per)]
+        with ThreadPoolExecutor(len(chunks), thread_name_prefix="bonsai-evaluate") as pool:
+            sums = [s for part in pool.map(run, chunks) for s in part]
+    loss_sum = 0.0
+    for loss, _ in sums:  # batch order: the sum of one thread
+        loss_sum += loss
     n = max(1, len(data))
-    return loss_sum / n, correct / n
+    return loss_sum / n, sum(c for _, c in sums) / n
+
+
+def spare_cores() -> int:
+    """Threads a CPU evaluation can run side by side without oversubscribing: the
+    cores this process may use over torch's threads per operation (2 cores and
+    OMP_NUM_THREADS=1: 2; torch's default of one thread per core: 1)."""
+    return max(1, machine_resources()[0] // torch.get_num_threads())

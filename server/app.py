@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fl import contract
 from fl.checkpoint import load as load_checkpoint
@@ -20,7 +21,7 @@ from fl.data import load_test
 from fl.models import build_model
 from fl.results import STOPPING, RunRecorder
 from fl.tracking import start_trackers
-from fl.train import evaluate, pick_device
+from fl.train import evaluate, pick_device, spare_cores
 from server.cohorts import CohortGrid
 from server.guard import NodeGuard
 from server.guidance_check import GuidanceCheck
@@ -78,10 +79,11 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
     fd = load_test(cfg)  # the test split only: nodes bring or hold their own data
     model = build_model(cfg.model, fd.input_shape, fd.num_classes, seed=cfg.seed)
     device = pick_device(cfg.resources.device)
+    threads = spare_cores()  # cores torch leaves idle (OMP_NUM_THREADS=1): evaluate on them
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, acc = evaluate(model, fd.test, device)
+        loss, acc = evaluate(model, fd.test, device, threads=threads)
         model.to("cpu")
         return {"accuracy": acc, "loss": loss}
 
@@ -93,7 +95,8 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
     if cfg.simulation.cohort_size:  # a few workers train the clients (server/cohorts.py)
         workers = discover_workers(grid, cfg.simulation.workers or None,
                                    cfg.strategy.round_timeout)
-        grid = cohorts = CohortGrid(grid, workers, cfg.partition.num_clients)
+        grid = cohorts = CohortGrid(grid, workers, cfg.partition.num_clients,
+                                     sticky=strategy.clients_keep_state())
         strategy.set_population(cohorts.clients())
     else:
         if cfg.partition.num_clients == 0:  # `bonsai run` resolves it before Flower starts
@@ -129,7 +132,7 @@ def run_experiment(grid: Grid, cfg: ExperimentConfig,
                        partition_of=members.partition_id if members is not None
                        else (lambda n: n),  # cohort mode: the pseudo node id is the partition
                        guidance_check=guidance_check, cohorts=cohorts,
-                       overlap=cfg.simulation.overlaps_evaluation())
+                       overlap=cfg.simulation.overlaps_evaluation(device.type))
     if cohorts is not None:
         extra = cohort_summary(cfg, cohorts, recorder.rounds)
     torch.save(final.to_torch_state_dict(), recorder.dir / "final_model.pt")
@@ -159,7 +162,15 @@ def cohort_summary(cfg: ExperimentConfig, cohorts: CohortGrid,
     }
 
 
+#: seconds between the simulation grid's polls for replies: Flower's InMemoryGrid
+#: sleeps 0.1 s between polls, on average 0.05 s of each exchange in a round of ~3 s
+#: (cohort mode); a poll of the in-memory state for ~100 ids takes microseconds
+REPLY_POLL_SECONDS = 0.01
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls: the experiment config is the run config."""
+    if isinstance(grid, InMemoryGrid):  # a simulation (deployment: Flower's HttpGrid)
+        grid.pull_interval = REPLY_POLL_SECONDS
     run_experiment(grid, from_flat(context.run_config), stop=stop_flag())

@@ -12,10 +12,14 @@ wraps the Grid so that no strategy notices:
   message type into one Flower message per worker (fl/packing.py: a record
   shared by several clients, like the global model, travels once) and unpacks
   each worker's reply into one reply per client, from that client's pseudo id;
-- a client always goes to the same worker, ``workers[client % W]`` (sticky): a
-  worker keeps between rounds what its clients need, AutoFLIP's masks above all
-  (strategies/sparse.py sends a mask only to clients whose copy is stale, and
-  the worker holds the copies, clients/app.py ``_WorkerMasks``).
+- where clients keep state between rounds (``sticky``, the strategy's
+  ``clients_keep_state``: AutoFLIP's masks, which strategies/sparse.py sends only
+  to clients whose copy is stale, and the worker holds, clients/app.py
+  ``_WorkerMasks``), a client always goes to the same worker, ``workers[client %
+  W]``; otherwise each round's clients are dealt to the connected workers in turn,
+  so no worker trains more than one client more than another (with W = 2 and 100
+  of 1000 clients sampled, sticky shares are about 55/45, and the round waits for
+  the 55).
 
 Every strategy (FedAvg family, FedLD, AutoFLIP's exploration, guidance and
 masks, the loss decomposition) therefore sees one message and one reply per
@@ -46,12 +50,14 @@ class CohortGrid(GridProxy):
     """Clients ``0..num_clients-1`` as nodes, trained by ``workers`` (node ids in
     worker-index order); see the module docstring."""
 
-    def __init__(self, grid: Grid, workers: Sequence[int], num_clients: int):
+    def __init__(self, grid: Grid, workers: Sequence[int], num_clients: int,
+                 sticky: bool = True):
         if not workers:
             raise ValueError("workers: at least one worker node is needed")
         super().__init__(grid)
         self.workers = list(workers)
         self.num_clients = num_clients
+        self.sticky = sticky
         self._down = self._up = 0
 
     # --- the clients and their workers ----------------------------------------------
@@ -60,17 +66,25 @@ class CohortGrid(GridProxy):
         return list(range(self.num_clients))
 
     def worker_of(self, client: int) -> int:
-        """The worker node that trains ``client`` (the same one every round)."""
+        """The worker node that trains ``client`` when clients are sticky (the same one
+        every round)."""
         return self.workers[client % len(self.workers)]
+
+    def _live_workers(self) -> list[int]:
+        connected = set(self.grid.get_node_ids())
+        return [w for w in self.workers if w in connected]
 
     def packed_bytes(self) -> tuple[int, int]:
         """Serialised bytes of every packed message sent and received so far (down, up)."""
         return self._down, self._up
 
     def get_node_ids(self) -> Iterable[int]:
-        """The clients whose worker is connected."""
-        connected = set(self.grid.get_node_ids())
-        return [c for c in self.clients() if self.worker_of(c) in connected]
+        """The clients whose worker is connected (not sticky: every client while any
+        worker is)."""
+        live = set(self._live_workers())
+        if not self.sticky:
+            return self.clients() if live else []
+        return [c for c in self.clients() if self.worker_of(c) in live]
 
     # --- packing --------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
@@ -81,13 +95,22 @@ class CohortGrid(GridProxy):
         msgs = list(messages)
         out: list[Message] = []
         groups: dict[tuple[int, str], list[Message]] = {}
+        # not sticky: the i-th message of each type goes to the i-th live worker in turn
+        # (all workers when none is live: their messages then fail as sticky ones would)
+        turn = [] if self.sticky else (self._live_workers() or self.workers)
+        dealt: dict[str, int] = {}
         for m in msgs:
-            client = m.metadata.dst_node_id
+            client, kind = m.metadata.dst_node_id, m.metadata.message_type
             if not 0 <= client < self.num_clients:
                 out.append(_error(m, f"no client {client} in this federation of "
                                      f"{self.num_clients}"))
                 continue
-            groups.setdefault((self.worker_of(client), m.metadata.message_type), []).append(m)
+            if self.sticky:
+                worker = self.worker_of(client)
+            else:
+                worker = turn[dealt.get(kind, 0) % len(turn)]
+                dealt[kind] = dealt.get(kind, 0) + 1
+            groups.setdefault((worker, kind), []).append(m)
         packs = []
         for (worker, kind), members in groups.items():
             content = packing.pack([(m.metadata.dst_node_id, m.content) for m in members])

@@ -62,6 +62,13 @@ class BonsaiStrategy(Strategy):
         next starts; otherwise it may evaluate beside the next round's training."""
         return False
 
+    def clients_keep_state(self) -> bool:
+        """Whether a client's messages rely on what it kept from earlier ones (AutoFLIP's
+        masks: a mask is sent only to clients whose copy is stale). In cohort mode such
+        clients always go to the same worker, which holds what they keep; otherwise each
+        round's clients are shared evenly among the workers (server/cohorts.py)."""
+        return False
+
     def guidance_scores(self) -> Mapping[str, torch.Tensor] | None:
         """AutoFLIP's per-entry guidance G in full-model shapes (what its mask rule ranks
         units by, docs/ALGORITHMS.md §1.2), or None for a strategy without it (the

@@ -331,6 +331,11 @@ class SparseStrategy(Population):
         # only while the schedule waits for the loss to fall (pruning.start_when=improved)
         return self.policy is not None and self.policy.start_round is None
 
+    def clients_keep_state(self) -> bool:
+        # a pruned model's clients hold their mask between rounds (wire.decode reads the
+        # values against it); without a policy no mask is ever sent (FedLD)
+        return self.policy is not None
+
     def guidance_scores(self) -> dict[str, torch.Tensor] | None:
         return self.policy.guidance_scores() if self.policy is not None else None
 

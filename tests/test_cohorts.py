@@ -47,8 +47,9 @@ def experiment(*overrides, mode="sequential"):
     ref.set_population(NODE_IDS)
     ref_grid = Loopback(contexts(cfg, NODE_IDS))
     workers = Loopback(contexts(ccfg, WORKER_IDS))
-    grid = CohortGrid(workers, WORKER_IDS, CLIENTS)
     coh = build_strategy(ccfg, theta0, fd.input_shape, fd.num_classes)
+    # as the server builds it: pruned clients stay on their worker, others are dealt out
+    grid = CohortGrid(workers, WORKER_IDS, CLIENTS, sticky=coh.clients_keep_state())
     coh.set_population(grid.clients())
     return cfg, (ref, ref_grid), (coh, grid), workers, ArrayRecord(theta0)
 
@@ -131,6 +132,35 @@ def test_clients_stay_with_their_worker_and_disappear_with_it():
     assert list(grid.get_node_ids()) == list(range(8))
     inner.ids = [11, 13]  # worker 12 is gone: so are its clients
     assert list(grid.get_node_ids()) == [0, 2, 3, 5, 6]
+
+
+def test_clients_that_keep_nothing_are_dealt_evenly_to_the_live_workers():
+    class Nodes:
+        ids = [11, 12, 13]
+        sent: list = []
+
+        def get_node_ids(self):
+            return list(self.ids)
+
+        def send_and_receive(self, messages, timeout=None):
+            self.sent.append(list(messages))
+            return []
+
+    inner = Nodes()
+    grid = CohortGrid(inner, [11, 12, 13], 1000, sticky=False)
+    sampled = [3, 6, 9, 12, 15, 18, 21, 24]  # sticky: all eight on worker 11
+    grid.send_and_receive([Message(RecordDict(), dst_node_id=k, message_type="train")
+                           for k in sampled])
+    shares = {m.metadata.dst_node_id: len(packing.unpack(m.content)) for m in inner.sent[-1]}
+    assert shares == {11: 3, 12: 3, 13: 2}
+    inner.ids = [11, 13]  # worker 12 is gone: the others share its clients
+    assert list(grid.get_node_ids()) == list(range(1000))
+    grid.send_and_receive([Message(RecordDict(), dst_node_id=k, message_type="train")
+                           for k in sampled])
+    shares = {m.metadata.dst_node_id: len(packing.unpack(m.content)) for m in inner.sent[-1]}
+    assert shares == {11: 4, 13: 4}
+    inner.ids = []
+    assert list(grid.get_node_ids()) == []
 
 
 def test_fedavg_rounds_equal_one_client_per_message_and_pack_per_worker():
@@ -288,7 +318,7 @@ def test_a_failed_worker_fails_its_clients_only():
     def one_fails(messages, timeout=None):
         replies = real(messages, timeout)
         assert len(messages) == WORKERS and not replies[0].has_error()
-        dead.append(messages[0].metadata.dst_node_id)  # its worker "crashed"
+        dead.extend(k for k, _ in packing.unpack(messages[0].content))  # its worker "crashed"
         replies[0] = Message(Error(code=2, reason="actor died"), reply_to=messages[0])
         return replies
 
@@ -298,8 +328,7 @@ def test_a_failed_worker_fails_its_clients_only():
     failed = [r for r in replies if r.has_error()]
     assert len(replies) == CLIENTS and len(failed) == CLIENTS // WORKERS
     assert all("actor died" in r.error.reason for r in failed)
-    assert {r.metadata.src_node_id for r in failed} == \
-        {k for k in range(CLIENTS) if cg.worker_of(k) == dead[0]}  # that worker's clients
+    assert {r.metadata.src_node_id for r in failed} == set(dead)  # that worker's clients
 
 
 def test_simulation_keys_and_federation_config(monkeypatch):

@@ -124,3 +124,18 @@ def test_a_schedule_waiting_for_the_loss_is_evaluated_before_each_next_round(tmp
     _, _, calls = _run(tmp_path, "pruning.start_when=improved", "pruning.patience=9",
                        overlap=True)
     assert calls == [(r, False, False) for r in range(5)]
+
+
+def test_auto_overlaps_only_cohort_mode_evaluated_on_a_gpu():
+    """On a CPU the evaluation takes every core (fl.train.evaluate's threads), and beside
+    the workers it made rounds slower (docs/RESULTS.md): auto keeps it out of the way."""
+    from fl import config as c
+
+    def overlaps(*over, device="cpu"):
+        return c.load(None, list(over)).simulation.overlaps_evaluation(device)
+
+    cohort = "simulation.cohort_size=8"
+    assert not overlaps(cohort) and overlaps(cohort, device="cuda")
+    assert not overlaps(device="cuda")  # one client per message: nothing to overlap with
+    assert overlaps("simulation.overlap_evaluation=always")
+    assert not overlaps(cohort, "simulation.overlap_evaluation=never", device="cuda")

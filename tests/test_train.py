@@ -115,3 +115,14 @@ def test_groupnorm_resnet_trains_a_step_on_cpu():
     result = train(model, data, cfg, seed=0, device=torch.device("cpu"))
     assert result.steps == 1 and np.isfinite(result.loss)
     assert not torch.equal(model.layer4[1].gn2.weight, w0)
+
+
+def test_evaluation_on_several_threads_equals_one_thread_bitwise():
+    """Batches split over threads are summed in one thread's order: same floats."""
+    fd = load_federated(c.load(None, []))
+    model = build_model("cnn", fd.input_shape, fd.num_classes, seed=3)
+    cpu = torch.device("cpu")
+    one = evaluate(model, fd.test, cpu, batch_size=32)
+    for threads in (2, 3, 100):  # uneven runs of batches; more threads than batches
+        assert evaluate(model, fd.test, cpu, batch_size=32, threads=threads) == one
+    assert 0.0 < one[1] < 1.0 and one[0] > 0.0
