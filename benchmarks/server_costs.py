@@ -10,8 +10,10 @@ split), timed round-robin with :func:`common.interleaved`:
   and ``ByteSize``, what ``fl.wire.message_nbytes`` did before) against
   :func:`fl.msgsize.recorddict_nbytes` (what it does now); both give the same total,
   which is checked;
-- the server's central evaluation (:func:`fl.train.evaluate`, as ``server.app`` calls
-  it), which ``simulation.overlap_evaluation`` runs beside the next round.
+- the server's central evaluation (:func:`fl.train.evaluate`) on one thread and, as
+  ``server.app`` now calls it, on :func:`fl.train.spare_cores` threads (torch on one
+  thread, as in that benchmark: every core of this machine); the two results are
+  checked equal to the last bit.
 
 Appends a record to benchmarks/results/server-costs-cpu.json.
 """
@@ -28,7 +30,7 @@ from flwr.common import serde
 from fl.data import Arrays
 from fl.models import build_model
 from fl.msgsize import recorddict_nbytes
-from fl.train import evaluate
+from fl.train import evaluate, spare_cores
 
 
 def main() -> None:
@@ -50,19 +52,25 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     test = Arrays(torch.rand(a.test, 1, 8, 8, generator=gen),
                   torch.randint(0, 10, (a.test,), generator=gen))
+    threads = spare_cores()
+    assert evaluate(model, test, cpu) == evaluate(model, test, cpu, threads=threads)
     times = interleaved({
         "bytes_flower_serialiser": lambda: [serde.recorddict_to_proto(r).ByteSize()
                                             for r in replies],
         "bytes_fl_msgsize": lambda: [recorddict_nbytes(r) for r in replies],
         "central_evaluation": lambda: evaluate(model, test, cpu),
+        "central_evaluation_threads": lambda: evaluate(model, test, cpu, threads=threads),
     }, a.repeats, cpu, warmup=1)
     for name, t in times.items():
         print(f"{name:26s} min {t['min']:.4f} s  median {t['median']:.4f} s")
     ratio = times["bytes_flower_serialiser"]["min"] / times["bytes_fl_msgsize"]["min"]
     print(f"byte count of {a.replies} replies ({ours} B): fl.msgsize {ratio:.0f}x faster")
+    speedup = times["central_evaluation"]["min"] / times["central_evaluation_threads"]["min"]
+    print(f"central evaluation on {threads} threads: {speedup:.2f}x one thread")
     append_record({"machine": machine(cpu), "replies": a.replies, "reply_bytes": ours,
-                   "test_images": a.test, "threads": 1, "seconds": times,
-                   "bytes_speedup": round(ratio, 1)}, "server-costs", cpu, None)
+                   "test_images": a.test, "threads": 1, "evaluation_threads": threads,
+                   "seconds": times, "bytes_speedup": round(ratio, 1),
+                   "evaluation_speedup": round(speedup, 2)}, "server-costs", cpu, None)
 
 
 if __name__ == "__main__":
