@@ -53,7 +53,8 @@ import numpy as np
 
 from fl import datacache, text
 from fl.config import DatasetConfig
-from fl.data import DataError, channel_stats, check_labels
+from fl.data import channel_stats
+from fl.userdata import DataError, check_labels
 
 __all__ = ["IMAGE_COLUMNS", "LABEL_COLUMNS", "PARTITION_COLUMNS", "TEXT_COLUMNS", "Table",
            "load_table", "resolve_format", "source_key", "where"]
@@ -511,7 +512,7 @@ def _gather(src: Path, rows: np.ndarray, dst: Path) -> None:
 
 def _build(d: DatasetConfig, folder: Path) -> dict[str, Any]:
     """Decode the source of ``d`` into ``folder`` (a cache entry being written)."""
-    from fl.data import stratified_split
+    from fl.partition import stratified_split
 
     with _quiet(), _open(d) as splits:
         train, test = splits["train"], splits.get("test")
