@@ -28,6 +28,11 @@ parallel region waits for a descheduled thread and the timings measure the sched
 
 Results go to benchmarks/results/aggregation-cpu.json (``--quick``: aggregation-cpu-quick.json)
 with the machine, torch version and every sample.
+
+Why one module of this length: the driver and the worker it starts once per (m, d)
+(this file again, with ``--worker``) are one script, so what the worker measures and
+what the driver estimates and checks of it (analytic bytes, the loop form's expected
+time) stay side by side.
 """
 
 from __future__ import annotations

@@ -26,6 +26,10 @@ foreach step; on a GPU >= 1.5x faster than foreach + mask multiply and
 peak is a device-to-device copy measured in the same run). Prints a table
 and appends a JSON record tagged with the host, device and versions to
 benchmarks/results/kernels-<device>.json.
+
+Why one module of this length: one script over one set of shapes and one timing
+method (benchmarks/common.py); its sections (optimizer steps, agreement with
+torch.optim, the launch sweep, the compression kernels) make one record per run.
 """
 
 from __future__ import annotations

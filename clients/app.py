@@ -21,6 +21,11 @@ fl.cohort.train_cohort (those that train the same architecture with the same
 objective in one call: one after another, or vectorised), the others one by one;
 the replies travel back packed. A worker keeps the masks its clients hold by
 mask version (:class:`_WorkerMasks`).
+
+Why one module of this length: Flower registers a ClientApp's handlers on one
+``app`` object, and every handler (a node's or a cohort worker's) goes through the same
+private steps: the node's config and data, the masks it holds, the training jobs and
+their replies. Split, those steps would become an interface with a single caller.
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ on the same examples, as with a dataset's own test split). The entry
 (fl.datacache.cached_files) holds ``x_train``, ``y_train``, ``ids_train``,
 ``x_test``, ``y_test`` as memory-mapped .npy files and, for images, the
 per-channel mean and std of the pool (in [0, 1] units).
+
+Why one module of this length: it is one pipeline, a source to its cache entry (open,
+find the columns, decode, write, split), run only inside :func:`load_table`; the stages
+are private steps sharing the source's name in messages (:func:`where`), and fl.data
+uses only ``load_table`` and ``where``.
 """
 
 from __future__ import annotations

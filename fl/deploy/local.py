@@ -6,6 +6,10 @@ by a watchdog process when ``bonsai`` itself is killed.
 This is the real deployment path (separate processes talking HTTPS on
 127.0.0.1), not the simulation runtime: what works here works across machines
 with the same commands and other host names (README, Deployment).
+
+Why one module of this length: one command's federation (``bonsai deploy local``):
+the process set (start, readiness, pause, resume and restart of a node, close), its
+planning from a data folder and the run on it, all over one node list and log folder.
 """
 
 from __future__ import annotations
