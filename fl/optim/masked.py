@@ -149,6 +149,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 flat.anchor = flat.zeros()
             flat.view(flat.anchor, i).copy_(t)
 
+    @property
+    def backends(self) -> list[str]:
+        """What each flat buffer's step dispatches to (``"triton"`` or ``"torch"``, the
+        reference), one entry per param group and device."""
+        return [flat.backend for flat in self._flats]
+
     # --- gradients ----------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
