@@ -11,7 +11,7 @@ entries each (rows of one m x d tensor, as decoded replies would be):
 - ``mean``: :func:`fl.aggregate.weighted_mean` (FedAvg), the baseline of every ratio;
 - ``gram``: :func:`fl.aggregate.principal_gradient`, docs/ALGORITHMS.md §2.3 in Gram form;
 - ``loop``: the per-client projection-and-rescale form that materialises every direction u_j
-  (``_loop_principal_gradient`` in tests/test_aggregate.py, imported, not rewritten). It is
+  (:func:`fl.aggregate.principal_gradient_loop`, which the tests check too). It is
   skipped where one call is estimated to take more than about a minute.
 
 One subprocess per (m, d) builds the inputs once. Memory: each method's first full-size
@@ -28,6 +28,11 @@ parallel region waits for a descheduled thread and the timings measure the sched
 
 Results go to benchmarks/results/aggregation-cpu.json (``--quick``: aggregation-cpu-quick.json)
 with the machine, torch version and every sample.
+
+Why one module of this length: the driver and the worker it starts once per (m, d)
+(this file again, with ``--worker``) are one script, so what the worker measures and
+what the driver estimates and checks of it (analytic bytes, the loop form's expected
+time) stay side by side.
 """
 
 from __future__ import annotations
@@ -89,15 +94,14 @@ def _make_inputs(m: int, d: int, seed: int):
 
 
 def _callables(rows):
-    from fl.aggregate import principal_gradient, weighted_mean
-    from tests.test_aggregate import _loop_principal_gradient
+    from fl.aggregate import principal_gradient, principal_gradient_loop, weighted_mean
 
     weights = [float(100 + i) for i in range(len(rows))]  # example counts
     named = [{"w": row} for row in rows]
     return {
         "mean": lambda: weighted_mean(named, weights)["w"],
         "gram": lambda: principal_gradient(rows, k_proportion=K_PROPORTION),
-        "loop": lambda: _loop_principal_gradient(rows, k_proportion=K_PROPORTION),
+        "loop": lambda: principal_gradient_loop(rows, k_proportion=K_PROPORTION),
     }
 
 
@@ -144,12 +148,12 @@ def _worker(m: int, d: int, methods: list[str], repeats: dict[str, int]) -> dict
 
 def _analytic_bytes(method: str, m: int, d: int) -> int:
     """Bytes each implementation allocates beyond its inputs (float32 updates)."""
-    from fl.aggregate import _BLOCK_COLUMNS
+    from fl.aggregate import BLOCK_COLUMNS
 
     if method == "mean":
         return 4 * d  # the float32 accumulator, returned as the result
     if method == "gram":
-        return 8 * m * min(d, _BLOCK_COLUMNS) + 4 * d  # one float64 block + the result
+        return 8 * m * min(d, BLOCK_COLUMNS) + 4 * d  # one float64 block + the result
     # stacked float32 copy + its float64 copy (alive together) + one direction + the result
     return 4 * m * d + 8 * m * d + 4 * d + 4 * d
 

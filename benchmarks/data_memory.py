@@ -100,7 +100,7 @@ def _title(pid: int) -> str:
 def kind_of(title: str) -> str:
     if "default_worker.py" in title or title.startswith("ray::"):
         return "ray worker"  # the processes Ray runs the ClientApps in
-    if "_check_data_child" in title:
+    if "check_data_child" in title:  # also the old name, _check_data_child
         return "data check"
     if " fl.cli " in f" {title} ":
         return "bonsai"

@@ -26,6 +26,10 @@ foreach step; on a GPU >= 1.5x faster than foreach + mask multiply and
 peak is a device-to-device copy measured in the same run). Prints a table
 and appends a JSON record tagged with the host, device and versions to
 benchmarks/results/kernels-<device>.json.
+
+Why one module of this length: one script over one set of shapes and one timing
+method (benchmarks/common.py); its sections (optimizer steps, agreement with
+torch.optim, the launch sweep, the compression kernels) make one record per run.
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ def bench_optimizers(shapes, device, repeats) -> list[dict]:  # noqa: ANN001
             "ratio_vs_torch_foreach_plus_mask": t["masked"] / t["torch+mask"],
             "speedup_vs_torch_foreach_plus_mask": t["torch+mask"] / t["masked"],
             "masked_gb_per_s": bytes_per_entry * n / t["masked"] / 1e9,
-            "backend": "triton" if ours._flats[0].triton else "torch reference",
+            "backend": "triton" if ours.backends[0] == "triton" else "torch reference",
         }
         rows.append(row)
         del ref, ours, ref_params, our_params, fmasks, masks, fns
@@ -226,7 +230,7 @@ def agreement(shapes, device, steps: int = 20) -> list[dict]:  # noqa: ANN001
             rows.append({
                 "op": f"agreement Masked{name}", "vs": f"torch.optim.{name} {v}",
                 "steps": steps, "numel": flat_ref.numel(),
-                "backend": "triton" if ours._flats[0].triton else "torch reference",
+                "backend": "triton" if ours.backends[0] == "triton" else "torch reference",
                 "entries_differing": int((flat_mine != flat_ref).sum()),
                 "max_ulps": _ulps(flat_mine, flat_ref),
                 "max_abs": float((flat_mine - flat_ref).abs().max()),

@@ -57,6 +57,11 @@ with the machine's 1-minute load average before and after it. Bonsai's runs
 also record ``discovery_seconds`` (from its summary.json): the query that asks
 every node its partition id before round 1, which plain Flower's random node
 sampling does not need.
+
+Why one module of this length: one benchmark whose systems are measured by the same
+sampler and summarised the same way (memory and CPU seconds from /proc, the same round
+spans), which is what makes the ratios fair; the plain-Flower app and the plain loop
+it compares with are in benchmarks/plain_flower/ and benchmarks/plain_loop.py.
 """
 
 from __future__ import annotations

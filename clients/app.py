@@ -7,7 +7,7 @@
 ``evaluate`` -> loss and accuracy of the received model on this node's examples.
 
 The experiment config comes from the run config (the same flat keys the server
-reads); the node's data from fl.data.node_data (its partition of the configured
+reads); the node's data from fl.nodedata.node_data (its partition of the configured
 dataset in a simulation, its own file in a deployment), its device and threads
 from clients/edge.py.
 Nothing is kept in module globals except the read-only dataset cache: Ray
@@ -21,6 +21,11 @@ fl.cohort.train_cohort (those that train the same architecture with the same
 objective in one call: one after another, or vectorised), the others one by one;
 the replies travel back packed. A worker keeps the masks its clients hold by
 mask version (:class:`_WorkerMasks`).
+
+Why one module of this length: Flower registers a ClientApp's handlers on one
+``app`` object, and every handler (a node's or a cohort worker's) goes through the same
+private steps: the node's config and data, the masks it holds, the training jobs and
+their replies. Split, those steps would become an interface with a single caller.
 """
 
 from __future__ import annotations
@@ -39,10 +44,10 @@ from clients.edge import measured, node_profile
 from fl import contract, packing, wire
 from fl.cohort import ClientTraining, train_cohort
 from fl.config import ExperimentConfig, from_flat
-from fl.data import NodeData, node_data
 from fl.kernels import pack_bits, unpack_bits
 from fl.models import build_model
 from fl.node import DATA_PATH, NUM_PARTITIONS, PARTITION_ID, PEAK_CUDA_MEMORY_MB, PeakMemory
+from fl.nodedata import NodeData, node_data
 from fl.pruning import (
     count_flops,
     prunable_names,

@@ -17,7 +17,8 @@ AISTATS 2017 (FedAvg).
 
 Why one module of this length: every rule the server applies to client updates,
 as pure tensor functions sharing their input checks; FedLD's aggregation is
-:func:`fedld_aggregate` over :func:`principal_gradient`.
+:func:`fedld_aggregate` over :func:`principal_gradient`, with the per-client form it
+is tested and timed against (:func:`principal_gradient_loop`) beside it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "apply_update",
     "fedld_aggregate",
     "principal_gradient",
+    "principal_gradient_loop",
     "validate_update",
     "weighted_mean",
 ]
@@ -44,7 +46,7 @@ __all__ = [
 # mean's time: 3.3x with 2**16 columns, 4.3x with 2**15, 5.9x with a column-major (B x m)
 # block; 2**14 and 2**18 were slower too. Stacking all of G and converting it to float64 at
 # once was ~2x slower than streaming (2 threads) and costs 12 m d bytes.
-_BLOCK_COLUMNS = 1 << 16
+BLOCK_COLUMNS = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +363,9 @@ def principal_gradient(
     # Error of the float32 Gram against a float64 one there: 4e-8 of its largest entry.
     gram = torch.zeros((m, m), dtype=torch.float64, device=device)
     block_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    block = torch.empty((m, min(d, _BLOCK_COLUMNS)), dtype=block_dtype, device=device)
-    for start in range(0, d, _BLOCK_COLUMNS):
-        stop = min(d, start + _BLOCK_COLUMNS)
+    block = torch.empty((m, min(d, BLOCK_COLUMNS)), dtype=block_dtype, device=device)
+    for start in range(0, d, BLOCK_COLUMNS):
+        stop = min(d, start + BLOCK_COLUMNS)
         view = block[:, : stop - start]
         for i, row in enumerate(rows):
             view[i].copy_(row[start:stop])
@@ -407,6 +409,43 @@ def _principal_coefficients(gram: Tensor, k_proportion: float, eps: float) -> Te
     if not bool(torch.isfinite(coefficients).all()):  # pragma: no cover - defensive
         return None
     return coefficients
+
+
+def principal_gradient_loop(
+    updates: Sequence[Tensor], k_proportion: float = 0.8, eps: float = 1e-8
+) -> Tensor:
+    """:func:`principal_gradient` in the reference code's form: materialise each direction
+    u_j, project every client on it. Not used by the strategies; the form the Gram form is
+    checked against (tests/test_aggregate.py) and timed against (benchmarks/aggregation.py).
+
+    Works in the updates' dtype except for the float64 Gram matrix; no input checks.
+    Memory: the stacked m x d matrix, its float64 copy while the Gram matrix is formed, one
+    direction and the output.
+    """
+    m = len(updates)
+    flat = [u.reshape(-1) for u in updates]
+    G = torch.stack(flat)
+    G64 = G.double()
+    C = G64 @ G64.T / m
+    del G64
+    s, e = torch.linalg.eigh(C)
+    s, e = s.flip(0).clamp(min=0.0), e.flip(1)
+    out = torch.zeros_like(flat[0])
+    total = float(s.sum())
+    if total <= 0.0:
+        return out.reshape(updates[0].shape)
+    norms = [float(torch.linalg.vector_norm(f, dtype=torch.float64)) for f in flat]
+    for j in range(max(1, math.floor(m * k_proportion))):
+        if s[j] <= eps * s[0]:
+            continue
+        u_j = e[:, j].to(G.dtype) @ G
+        u_j /= torch.linalg.vector_norm(u_j)
+        rescaled = 0.0
+        for i in range(m):  # per client: project on u_j, keep the sign, rescale to ||D_i||
+            projection = float(torch.dot(flat[i], u_j))
+            rescaled += ((projection > 0) - (projection < 0)) * norms[i]
+        out.add_(u_j, alpha=float(s[j]) / total * rescaled / m)
+    return out.reshape(updates[0].shape)
 
 
 def fedld_aggregate(

@@ -42,17 +42,24 @@ run :func:`prepare` in a child process; ``bonsai deploy`` checks node data):
 - normalisation and augmentation are asked of images only;
 - the experiment's model can take the examples (:func:`fl.models.check_model_input`;
   token ids only for text models).
+
+The parts of this job that stand alone have their own modules: fl.userdata reads and
+checks the files users bring (and defines :class:`~fl.userdata.DataError`),
+fl.partition splits and partitions row indices, and fl.nodedata gives one node its
+examples (a simulated client's partition or a deployed node's own file).
+
+Why one module of this length: it is the one path from the ``dataset.*``,
+``partition.*`` and augmentation keys to the tensors a process trains and evaluates
+on (bundled loaders, the cached split, the batch transform, the per-process cache),
+with the checks of that path's result that ``prepare`` and ``check_dataset`` make.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import zipfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,8 +75,9 @@ from fl.config import (
     requires_tokens,
 )
 from fl.models import check_model_input
-from fl.node import DATA_PATH, NUM_CLASSES, NUM_PARTITIONS, PARTITION_ID
+from fl.partition import partition_indices, stratified_split
 from fl.transforms import IDENTITY, BatchTransform
+from fl.userdata import DataError, check_labels, load_npz
 
 
 @dataclass(frozen=True)
@@ -112,10 +120,6 @@ class FederatedData:
         x = (torch.from_numpy(datacache.read_rows(self.pool, rows)) if self.pool is not None
              else self.train.x[idx])
         return Arrays(x, self.train.y[idx], self.train.transform)
-
-
-class DataError(ValueError):
-    """A dataset that cannot be loaded or does not fit the config."""
 
 
 # --- loaders -----------------------------------------------------------------
@@ -165,145 +169,6 @@ def synthetic(
             np.concatenate(ds).astype(np.int64))
 
 
-def _human(n: float) -> str:
-    """Bytes in decimal units (a message, not the progress table: no rich here)."""
-    units = ["B", "kB", "MB", "GB", "TB", "PB"]
-    while n >= 1000 and len(units) > 1:
-        n, units = n / 1000, units[1:]
-    return f"{n:.0f} {units[0]}" if units[0] == "B" else f"{n:.1f} {units[0]}"
-
-
-def _check_declared(f: Any, name: str, where: str) -> None:
-    """The shape and dtype an .npy member declares must fit the bytes it holds (a crafted
-    header of a few bytes must not make numpy allocate terabytes)."""
-    member = f.zip.getinfo(f"{name}.npy")
-    with f.zip.open(member) as fp:
-        version = np.lib.format.read_magic(fp)
-        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                else np.lib.format.read_array_header_2_0)
-        shape, _, dtype = read(fp)
-        left = member.file_size - fp.tell()
-    if dtype.hasobject:
-        raise DataError(f"{where}: {name} holds Python objects; expected numbers (Bonsai "
-                        "never unpickles data)")
-    need = math.prod(shape) * dtype.itemsize
-    if need > left:
-        raise DataError(f"{where}: {name} declares shape {tuple(shape)} {dtype} "
-                        f"({_human(need)}) but the file holds {_human(left)} of it (truncated "
-                        "or damaged)")
-
-
-def check_finite(x: np.ndarray, where: str) -> None:
-    """Raise DataError naming how many values of ``x`` are NaN or infinite, and the first."""
-    rows = max(1, (1 << 24) // max(1, math.prod(x.shape[1:])))  # about 16M values at a time
-    count, first = 0, None
-    for start in range(0, len(x), rows):
-        bad = ~np.isfinite(x[start:start + rows])
-        n = int(bad.sum())
-        if n and first is None:
-            idx = np.unravel_index(int(np.argmax(bad)), bad.shape)
-            first = (start + int(idx[0]), *(int(i) for i in idx[1:]))
-        count += n
-    if count:
-        raise DataError(f"{where}: x holds {count} non-finite value{'s' * (count > 1)} (NaN, "
-                        f"inf, or beyond float32's range); the first at index {first}")
-
-
-def check_labels(y: np.ndarray, where: str, num_classes: int | None = None) -> None:
-    """Labels must be 0..C-1. With ``num_classes`` declared, C is that number; otherwise
-    C = largest label + 1 and every class 0..C-1 must have an example, so a stray label
-    far above the others is reported instead of silently widening the model."""
-    if len(y) == 0:
-        raise DataError(f"{where}: holds no examples")
-    low, high = int(y.min()), int(y.max())
-    if low < 0:
-        raise DataError(f"{where}: label {low} (example {int(np.argmin(y))}) is negative; "
-                        "labels must be 0..C-1")
-    if num_classes is not None:
-        if high >= num_classes:
-            raise DataError(f"{where}: label {high} (example {int(np.argmax(y))}) is not below "
-                            f"the {num_classes} declared classes (labels 0..{num_classes - 1})")
-        return
-    labels = np.unique(y)  # sorted
-    missing = high + 1 - len(labels)
-    if missing:
-        gaps = np.flatnonzero(labels != np.arange(len(labels)))
-        first = int(gaps[0]) if len(gaps) else len(labels)
-        raise DataError(
-            f"{where}: labels must be 0..C-1 with every class present; the largest label is "
-            f"{high} (example {int(np.argmax(y))}) but {missing} of the classes 0..{high} have "
-            f"no example (class {first} is the first); fix the stray label(s) or relabel")
-
-
-def _as_examples(x: np.ndarray) -> np.ndarray:
-    """(N, H, W) is one-channel images: (N, 1, H, W); other shapes are kept."""
-    return x[:, None] if x.ndim == 3 else x
-
-
-def _example_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of one example after :func:`_as_examples` (``shape`` excludes N)."""
-    return (1, *shape) if len(shape) == 2 else tuple(shape)
-
-
-def load_npz(path: str | Path, key: str = "dataset.path",
-             keep_stored: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """An .npz file with ``x`` (N, ...) real numbers and ``y`` (N,) integer labels.
-
-    ``x`` comes back as finite float32 (N, H, W becomes N, 1, H, W), ``y`` as int64;
-    with ``keep_stored``, uint8 images and int64 token ids stay as they are (what
-    ``bonsai deploy split`` writes for such datasets; the batch transform scales
-    them). Labels are checked by the caller (:func:`check_labels`). Raises DataError
-    (one line, naming ``key`` and the file) for anything else.
-    """
-    p = Path(path)
-    where = f"{key}: {str(p)!r}"
-    if not p.is_file():
-        raise DataError(f"{where} does not exist")
-    try:
-        f = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        pickled = "pickled" in str(e)
-        raise DataError(f"{where} is not an .npz file of plain arrays ("
-                        + ("it holds pickled Python objects, which Bonsai never loads; "
-                           if pickled else "") + "write it with numpy.savez(path, x=..., y=...))"
-                        ) from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{where} is not a readable .npz file of plain arrays "
-                        f"({type(e).__name__}); write it with numpy.savez(path, x=..., y=...)"
-                        ) from None
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise DataError(f"{where} is a single .npy array; expected an .npz file of plain "
-                        "arrays x and y (numpy.savez(path, x=..., y=...))")
-    with f:
-        missing = {"x", "y"} - set(f.files)
-        if missing:
-            raise DataError(f"{where} has no array(s) {sorted(missing)}; found {f.files}")
-        try:
-            for name in ("x", "y"):
-                _check_declared(f, name, where)
-            x, y = f["x"], f["y"]
-        except DataError:
-            raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{where}: cannot read its arrays ({type(e).__name__}: "
-                            f"{str(e)[:120]})") from None
-        except MemoryError:
-            raise DataError(f"{where}: its arrays do not fit in this machine's memory") from None
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{where}: x must be (N, ...) and y (N,), got {x.shape} and {y.shape}")
-    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-            or x.dtype == bool):
-        raise DataError(f"{where}: x has dtype {x.dtype}; expected real numbers")
-    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"{where}: y must hold non-negative integer labels")
-    if keep_stored and x.dtype in (np.uint8, np.int64):
-        return _as_examples(x), y.astype(np.int64)
-    with np.errstate(over="ignore"):  # values beyond float32's range become inf: reported
-        x = x.astype(np.float32)
-    check_finite(x, where)
-    return _as_examples(x), y.astype(np.int64)
-
-
 def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...],
                                                               tuple[float, ...]]:
     """Per-channel mean and (population) standard deviation of images ``x`` (N, C, H, W)
@@ -321,113 +186,6 @@ def channel_stats(x: np.ndarray, scale: float = 1.0) -> tuple[tuple[float, ...],
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
-
-
-# --- split and partition ------------------------------------------------------
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Sorted row indices (pool, test) of a split stratified by label (when every class
-    has two examples and each side can hold one of every class; otherwise random),
-    seeded. Raises DataError when the examples are too few to split."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    counts = np.bincount(y)
-    classes = int((counts > 0).sum())
-    n_test = math.ceil(test_fraction * len(y))
-    stratify = counts[counts > 0].min() >= 2 and min(n_test, len(y) - n_test) >= classes
-    try:
-        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
-                                  stratify=y if stratify else None)
-    except ValueError as e:
-        raise DataError(f"dataset.test_fraction: got {test_fraction}; {len(y)} examples cannot "
-                        f"be split into a training pool and a test set ({e})") from None
-    return np.sort(tr), np.sort(te)
-
-
-def make_partitioner(cfg: PartitionConfig, seed: int, pool_size: int | None = None):
-    """The flwr-datasets partitioner for ``cfg`` (seeded). It reads the columns ``label``
-    and, for ``natural``, ``id``. ``inner_dirichlet`` needs ``pool_size`` (its clients
-    get equal shares of the pool)."""
-    from flwr_datasets import partitioner as fp
-
-    n = cfg.num_clients
-    if cfg.kind == "iid":
-        return fp.IidPartitioner(n)  # contiguous chunks of the seeded-shuffled pool
-    if cfg.kind == "dirichlet":
-        return fp.DirichletPartitioner(n, "label", cfg.alpha, min_partition_size=cfg.min_size,
-                                       self_balancing=False, shuffle=True, seed=seed)
-    if cfg.kind == "pathological":
-        return fp.PathologicalPartitioner(n, "label", cfg.classes_per_client,
-                                          class_assignment_mode="first-deterministic",
-                                          shuffle=True, seed=seed)
-    if cfg.kind == "shard":
-        return fp.ShardPartitioner(n, "label", num_shards_per_partition=cfg.shards_per_client,
-                                   shuffle=True, seed=seed)
-    if cfg.kind == "inner_dirichlet":
-        if pool_size is None:
-            raise ValueError("pool_size: inner_dirichlet needs the pool's size")
-        base, extra = divmod(pool_size, n)
-        sizes = [base + (i < extra) for i in range(n)]
-        return fp.InnerDirichletPartitioner(sizes, "label", cfg.alpha, shuffle=True, seed=seed)
-    if cfg.kind in ("linear", "square", "exponential"):  # sizes grow with the client id
-        cls = {"linear": fp.LinearPartitioner, "square": fp.SquarePartitioner,
-               "exponential": fp.ExponentialPartitioner}[cfg.kind]
-        return cls(n)
-    if cfg.kind == "natural":
-        return fp.NaturalIdPartitioner("id")
-    raise ValueError(f"partition.kind: unknown value {cfg.kind!r}")
-
-
-def partition_indices(
-    labels: np.ndarray, cfg: PartitionConfig, seed: int, groups: np.ndarray | None = None
-) -> tuple[np.ndarray, ...]:
-    """Row indices of each client's examples, computed by a flwr-datasets partitioner.
-
-    ``natural``: one client per distinct value of ``groups`` (sorted); with fewer
-    ``cfg.num_clients`` than ids, a seeded sample of the ids; with 0, every id (the
-    command resolves 0 to the count before the run: :func:`client_count`). Raises
-    DataError when the
-    partition cannot be made or leaves a client without examples.
-    """
-    from datasets import Dataset
-
-    n = cfg.num_clients
-    if n > len(labels) and cfg.kind != "natural":
-        raise DataError(f"partition.num_clients: got {n}; the training pool has {len(labels)} "
-                        f"examples, so client {len(labels)} and later would get none")
-    cols = {"label": labels.tolist(), "idx": np.arange(len(labels)).tolist()}
-    if cfg.kind == "natural":
-        if groups is None:
-            raise DataError("partition.kind: got 'natural'; this dataset has no client ids")
-        cols["id"] = groups.tolist()
-    part = make_partitioner(cfg, seed, pool_size=len(labels))
-    part.dataset = Dataset.from_dict(cols)
-    chosen = list(range(n))
-    if cfg.kind == "natural":
-        ids = part.num_partitions
-        if n == 0:
-            n, chosen = ids, list(range(ids))
-        if n > ids:
-            raise DataError(f"partition.num_clients: got {n}; the natural split of this dataset "
-                            f"has {ids} clients (allowed: 1..{ids}; fewer than {ids}: a seeded "
-                            "sample of the ids)")
-        if n < ids:
-            chosen = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False)).tolist()
-    try:
-        parts = [np.sort(np.asarray(part.load_partition(i)["idx"], dtype=np.int64))
-                 for i in chosen]
-    # e.g. Dirichlet cannot satisfy min_partition_size (ValueError); shards or sizes that
-    # round to nothing fail inside flwr-datasets with other types
-    except (ValueError, IndexError, ZeroDivisionError) as e:
-        raise DataError(f"partition: {e or type(e).__name__} (kind={cfg.kind}, num_clients={n}, "
-                        f"alpha={cfg.alpha}, min_size={cfg.min_size}, {len(labels)} "
-                        "examples in the pool)") from None
-    empty = [i for i, p in enumerate(parts) if len(p) == 0]
-    if empty:
-        raise DataError(f"partition: client {empty[0]} gets no examples ({len(empty)} of {n} "
-                        f"clients get none; kind={cfg.kind}, num_clients={n}, {len(labels)} "
-                        "examples in the pool); use fewer clients or another partition")
-    return tuple(parts)
 
 
 def _source_key(dcfg: DatasetConfig, seed: int) -> dict[str, Any]:
@@ -670,16 +428,6 @@ def check_dataset(cfg: ExperimentConfig) -> None:
 
 
 @dataclass(frozen=True)
-class NodeData:
-    """What one node trains on: its id in the population order and its examples."""
-
-    partition_id: int
-    data: Arrays
-    input_shape: tuple[int, ...]
-    num_classes: int
-
-
-@dataclass(frozen=True)
 class EvalData:
     """The centralized test split and the model's input shape and class count."""
 
@@ -706,200 +454,8 @@ def load_test(cfg: ExperimentConfig) -> EvalData:
     return _load_test_cached(_fields(cfg.dataset), cfg.seed, _augment_fields(cfg.train))
 
 
-def node_data(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> NodeData:
-    """This node's examples.
-
-    Simulation: its partition of the configured dataset (``partition-id`` and
-    ``num-partitions`` in the node config). Deployment: the node's own file or
-    folder named by ``data-path`` (see :func:`local_node_data`), no partitioning.
-    """
-    pid = int(node_config.get(PARTITION_ID, 0))
-    if node_config.get(DATA_PATH):
-        return local_node_data(cfg, str(node_config[DATA_PATH]), pid,
-                               node_config.get(NUM_CLASSES))
-    parts = int(node_config.get(NUM_PARTITIONS, cfg.partition.num_clients))
-    if parts != cfg.partition.num_clients:
-        raise DataError(f"partition.num_clients: the experiment has {cfg.partition.num_clients} "
-                        f"clients but the federation has {parts} SuperNodes")
-    fd = load_federated(cfg)
-    return NodeData(pid, fd.client(pid), fd.input_shape, fd.num_classes)
-
-
-# --- node-local data (deployment) ---------------------------------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm")
-
-
-def load_image_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """An image folder: one sub-folder per class (sorted names -> labels 0, 1, ...).
-
-    Images are read with Pillow, scaled to [0, 1] and laid out (C, H, W); all
-    must have the same size and mode (grayscale -> 1 channel, else RGB).
-    """
-    from PIL import Image
-
-    root = Path(path)
-    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"data-path: {str(root)!r} has no class sub-folders (expected "
-                        "DIR/CLASS/IMAGE files)")
-    xs, ys, shape = [], [], None
-    for label, d in enumerate(classes):
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(f) as im:
-                im = im.convert("L") if im.mode in ("L", "1", "I;16", "I", "F") else \
-                    im.convert("RGB")
-                a = np.asarray(im, dtype=np.float32) / 255.0
-            a = a[None] if a.ndim == 2 else np.transpose(a, (2, 0, 1))
-            if shape is None:
-                shape = a.shape
-            elif a.shape != shape:
-                raise DataError(f"data-path: {str(f)!r} has shape {a.shape}; the other images "
-                                f"have {shape} (resize them to one size)")
-            xs.append(a)
-            ys.append(label)
-    if not xs:
-        raise DataError(f"data-path: {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class LocalData:
-    """A node's own examples as stored, its class count when declared, and the
-    per-channel statistics ``bonsai deploy split`` wrote (the pool's: every node
-    normalises as the simulation does)."""
-
-    x: np.ndarray
-    y: np.ndarray
-    num_classes: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-
-def _stats_of(f: Any, where: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    if "mean" not in f.files or "std" not in f.files:
-        return None, None
-    for name in ("mean", "std"):
-        _check_declared(f, name, where)
-    mean, std = np.asarray(f["mean"], np.float64), np.asarray(f["std"], np.float64)
-    if mean.ndim != 1 or mean.shape != std.shape or not np.isfinite(mean).all() \
-            or not (std > 0).all():
-        raise DataError(f"{where}: mean and std must be one finite value per channel, std > 0")
-    return tuple(map(float, mean)), tuple(map(float, std))
-
-
-def load_local(path: str | Path) -> LocalData:
-    """A node's own examples from an .npz or image folder.
-
-    An .npz may carry a scalar ``num_classes`` (``bonsai deploy split`` writes
-    it) for nodes that lack the highest classes, and ``mean``/``std`` per channel
-    (written for datasets the experiment normalises); uint8 images and int64 token
-    ids stay as stored. An image folder's class count is its number of sub-folders.
-    """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        x, y = load_image_folder(p)
-        return LocalData(x, y, len([d for d in p.iterdir()
-                                    if d.is_dir() and not d.name.startswith(".")]))
-    if not p.exists():
-        raise DataError(f"data-path: {str(p)!r} does not exist")
-    x, y = load_npz(p, key="data-path", keep_stored=True)
-    where = f"data-path: {str(p)!r}"
-    with np.load(p, allow_pickle=False) as f:
-        mean, std = _stats_of(f, where)
-        if "num_classes" not in f.files:
-            return LocalData(x, y, None, mean, std)
-        try:
-            _check_declared(f, "num_classes", where)
-            n = f["num_classes"]
-        except DataError:
-            raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{where}: cannot read num_classes ({type(e).__name__})") from None
-    if n.size != 1 or not np.issubdtype(n.dtype, np.integer) or int(n.reshape(())) < 1:
-        raise DataError(f"{where}: num_classes must be one integer >= 1, got shape "
-                        f"{n.shape} {n.dtype}")
-    n = int(n.reshape(()))
-    if len(y):
-        check_labels(y, where, n)
-    return LocalData(x, y, n, mean, std)
-
-
-#: (input_shape, num_classes) of the bundled datasets, known without loading them
-_DIGITS_INFO = ((1, 8, 8), 10)
-_SYNTHETIC_INFO = ((60,), 10)  # synthetic(): dim=60, classes=10
-
-
-def _expected(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int] | None:
-    """(input_shape, num_classes) of the experiment's model when this machine can tell
-    cheaply (a bundled dataset, or the experiment's .npz is here), else None.
-
-    Runs in every ClientApp call of a deployed node, so it never imports
-    scikit-learn or splits a dataset.
-    """
-    d = cfg.dataset
-    if d.name == "digits":
-        return _DIGITS_INFO
-    if d.name == "synthetic":
-        return _SYNTHETIC_INFO
-    p = Path(d.path).expanduser()
-    if d.name == "npz" and p.is_file():
-        try:
-            with np.load(p, mmap_mode="r", allow_pickle=False) as f:
-                return (_example_shape(tuple(int(s) for s in f["x"].shape[1:])),
-                        int(np.max(f["y"])) + 1)
-        except (OSError, ValueError, KeyError):
-            return None
-    return None
-
-
-def local_node_data(cfg: ExperimentConfig, path: str, partition_id: int = 0,
-                    num_classes: Any = None) -> NodeData:
-    """A deployed node's examples from its own ``path``, checked against the model.
-
-    The model's input shape and class count come from the experiment's dataset
-    when this machine can load it (the server's test data: bundled digits,
-    synthetic, or an .npz present here); otherwise from ``num_classes`` (node
-    config), the file's own ``num_classes``, or its largest label + 1 (then every
-    class 0..largest must have an example: a stray label is reported).
-
-    Raises
-    ------
-    DataError
-        A missing or unreadable path, or examples whose shape or labels do not
-        fit the experiment's model; the message names ``data-path``.
-    """
-    local = load_local(path)
-    x, y, file_classes = local.x, local.y, local.num_classes
-    if len(y) == 0:
-        raise DataError(f"data-path: {path!r} holds no examples")
-    shape = tuple(int(s) for s in x.shape[1:])
-    expected = _expected(cfg)
-    if expected is not None:
-        want_shape, classes = expected
-        if shape != tuple(want_shape):
-            raise DataError(
-                f"data-path: {path!r} holds examples of shape {shape}; the experiment's model "
-                f"{cfg.model!r} takes {tuple(want_shape)} (the shape of dataset.name="
-                f"{cfg.dataset.name!r})")
-    else:
-        if requires_image(cfg.model) and len(shape) != 3:
-            raise DataError(f"data-path: {path!r} holds examples of shape {shape}; model "
-                            f"{cfg.model!r} takes images (channels, height, width)")
-        if file_classes is None and num_classes in (None, ""):
-            # nothing declares the class count: infer it, and refuse a stray label
-            check_labels(y, f"data-path: {path!r}")
-        classes = file_classes if file_classes is not None else int(y.max()) + 1
-    if num_classes not in (None, ""):
-        classes = int(num_classes)
-    if int(y.max()) >= classes:
-        raise DataError(f"data-path: {path!r} has label {int(y.max())}; the experiment's model "
-                        f"has {classes} classes (labels 0..{classes - 1})")
-    images = len(shape) == 3 and x.dtype != np.int64
-    transform = BatchTransform(
-        divisor=255.0 if x.dtype == np.uint8 else None, mean=local.mean, std=local.std,
-        crop_padding=cfg.train.augment_crop_padding if images else 0,
-        pad_mode=cfg.train.augment_pad_mode, flip=cfg.train.augment_flip and images)
-    return NodeData(partition_id, Arrays(torch.from_numpy(x), torch.from_numpy(y), transform),
-                    shape, classes)
+def clear_loaded() -> None:
+    """Forget the datasets this process has loaded (:func:`load_federated`,
+    :func:`load_test`), as a new process starts; the data cache on disk stays."""
+    _load_cached.cache_clear()
+    _load_test_cached.cache_clear()

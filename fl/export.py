@@ -30,6 +30,11 @@ it also holds ``structure.json``: group name -> kept unit indices
    onnxruntime's static quantiser (:mod:`fl.quantize`), calibrated on a slice
    of the test split, and reports its size, latency and accuracy next to the
    float model's.
+
+Why one module of this length: the six steps are one command's pipeline (``bonsai
+export``), each checking what the step before produced; its helpers (saving, predicting,
+timing, the int8 comparison) serve only it, and the runtimes' sessions and the
+quantiser are in fl/quantize.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A deployed SuperNode is started with ``--node-config "key=value ..."``; the
 ClientApp receives it as ``context.node_config``. The keys are defined here,
-once, and read by :func:`fl.data.node_data` (which examples) and by
+once, and read by :func:`fl.nodedata.node_data` (which examples) and by
 :class:`EdgeProfile` (which device, how many threads, where to log):
 
 ==================  =========================================================
@@ -12,7 +12,7 @@ once, and read by :func:`fl.data.node_data` (which examples) and by
 ``data-path``       deployment: this node's own ``.npz`` (``x``, ``y``) or image
                     folder (one sub-folder per class); no partitioning
 ``num-classes``     deployment, optional: classes of the global model when the
-                    node cannot derive them (see :func:`fl.data.node_data`)
+                    node cannot derive them (see :func:`fl.nodedata.node_data`)
 ``device``          ``cpu`` | ``cuda`` | ``auto``: overrides ``resources.device``
 ``threads``         CPU threads of the local training (``torch.set_num_threads``)
 ``metrics-path``    optional node-local JSON-lines file: one line per round with

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from fl import interrupts
 
 __all__ = ["MARKER_ENV", "Orphans", "Proc", "alive", "descendants", "kill_until_quiet",
-           "marked", "proc_table", "start_time", "terminate_tree", "terminate_trees"]
+           "marked", "prctl", "proc_table", "start_time", "terminate_tree", "terminate_trees"]
 
 #: every process a runtime starts inherits BONSAI_RUNTIME_ID=<marker>
 MARKER_ENV = "BONSAI_RUNTIME_ID"
@@ -183,8 +183,8 @@ class Orphans:
     """
 
     def __init__(self) -> None:
-        self.was_subreaper = _prctl(PR_GET_CHILD_SUBREAPER) == 1
-        self.enabled = self.was_subreaper or _prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+        self.was_subreaper = prctl(PR_GET_CHILD_SUBREAPER) == 1
+        self.enabled = self.was_subreaper or prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
         self.before = set(descendants(os.getpid()))
 
     def end(self, timeout: float = 10.0) -> list[int]:
@@ -202,14 +202,14 @@ class Orphans:
                 except ChildProcessError:
                     pass
         if not self.was_subreaper:
-            _prctl(PR_SET_CHILD_SUBREAPER, 0)
+            prctl(PR_SET_CHILD_SUBREAPER, 0)
         return sorted(left)
 
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
 
 
-def _prctl(option: int, arg: int = 0) -> int:
+def prctl(option: int, arg: int = 0) -> int:
     """``prctl(option, arg)``; PR_GET_* options return the value read. -1 where
     unavailable (not Linux)."""
     if not sys.platform.startswith("linux"):

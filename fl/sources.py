@@ -35,6 +35,11 @@ on the same examples, as with a dataset's own test split). The entry
 (fl.datacache.cached_files) holds ``x_train``, ``y_train``, ``ids_train``,
 ``x_test``, ``y_test`` as memory-mapped .npy files and, for images, the
 per-channel mean and std of the pool (in [0, 1] units).
+
+Why one module of this length: it is one pipeline, a source to its cache entry (open,
+find the columns, decode, write, split), run only inside :func:`load_table`; the stages
+are private steps sharing the source's name in messages (:func:`where`), and fl.data
+uses only ``load_table`` and ``where``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ import numpy as np
 
 from fl import datacache, text
 from fl.config import DatasetConfig
-from fl.data import DataError, channel_stats, check_labels
+from fl.data import channel_stats
+from fl.userdata import DataError, check_labels
 
 __all__ = ["IMAGE_COLUMNS", "LABEL_COLUMNS", "PARTITION_COLUMNS", "TEXT_COLUMNS", "Table",
            "load_table", "resolve_format", "source_key", "where"]
@@ -511,7 +517,7 @@ def _gather(src: Path, rows: np.ndarray, dst: Path) -> None:
 
 def _build(d: DatasetConfig, folder: Path) -> dict[str, Any]:
     """Decode the source of ``d`` into ``folder`` (a cache entry being written)."""
-    from fl.data import stratified_split
+    from fl.partition import stratified_split
 
     with _quiet(), _open(d) as splits:
         train, test = splits["train"], splits.get("test")

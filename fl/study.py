@@ -335,7 +335,8 @@ def check_partitions(configs: Mapping[str, ExperimentConfig],
     """
     import warnings
 
-    from fl.data import DataError, check_dataset, prepare
+    from fl.data import check_dataset, prepare
+    from fl.userdata import DataError
 
     seen: dict[tuple, str | None] = {}
     bad: dict[str, list[str]] = {}

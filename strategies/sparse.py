@@ -14,6 +14,12 @@ FedLD, AutoFLIP and the pruning baselines share it:
   re-applies the mask (§1.3);
 - an optional :class:`~strategies.mask_policy.MaskPolicy` recomputes the mask
   on its schedule (AutoFLIP: from the guidance; baselines: |w| or random).
+
+Why one module of this length: one class, the server's half of the wire protocol:
+what it sends (the view, payloads, masks by version) and what it accepts (decoding,
+validation, aggregation, re-masking) change together, and its checkpoint state is
+exactly that. The mask's schedule and scores are in strategies/mask_policy.py,
+AutoFLIP's exploration in strategies/autoflip.py.
 """
 
 from __future__ import annotations

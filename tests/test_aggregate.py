@@ -20,6 +20,7 @@ from fl.aggregate import (
     apply_update,
     fedld_aggregate,
     principal_gradient,
+    principal_gradient_loop,
     validate_update,
     weighted_mean,
 )
@@ -60,41 +61,6 @@ def _slow_principal_gradient(
     return g.reshape(updates[0].shape).to(updates[0].dtype)
 
 
-def _loop_principal_gradient(
-    updates: list[torch.Tensor], k_proportion: float = 0.8, eps: float = 1e-8
-) -> torch.Tensor:
-    """Reference-code form: materialise each direction u_j, project every client on it.
-
-    Works in the updates' dtype except for the float64 Gram matrix; benchmarks/aggregation.py
-    times it against the Gram form. Memory: the stacked m x d matrix, its float64 copy while
-    the Gram matrix is formed, one direction and the output.
-    """
-    m = len(updates)
-    flat = [u.reshape(-1) for u in updates]
-    G = torch.stack(flat)
-    G64 = G.double()
-    C = G64 @ G64.T / m
-    del G64
-    s, e = torch.linalg.eigh(C)
-    s, e = s.flip(0).clamp(min=0.0), e.flip(1)
-    out = torch.zeros_like(flat[0])
-    total = float(s.sum())
-    if total <= 0.0:
-        return out.reshape(updates[0].shape)
-    norms = [float(torch.linalg.vector_norm(f, dtype=torch.float64)) for f in flat]
-    for j in range(max(1, math.floor(m * k_proportion))):
-        if s[j] <= eps * s[0]:
-            continue
-        u_j = e[:, j].to(G.dtype) @ G
-        u_j /= torch.linalg.vector_norm(u_j)
-        rescaled = 0.0
-        for i in range(m):  # per client: project on u_j, keep the sign, rescale to ||D_i||
-            projection = float(torch.dot(flat[i], u_j))
-            rescaled += ((projection > 0) - (projection < 0)) * norms[i]
-        out.add_(u_j, alpha=float(s[j]) / total * rescaled / m)
-    return out.reshape(updates[0].shape)
-
-
 def _random_updates(m: int, shape: tuple[int, ...], seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     # A shared component plus client noise: correlated like real updates, distinct spectrum.
@@ -128,8 +94,8 @@ def test_principal_gradient_matches_slow_oracle(m, shape, k_proportion):
     assert got.shape == torch.Size(shape)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
-    # The benchmark's per-client loop form agrees too (it is timed against the Gram form).
-    loop = _loop_principal_gradient(updates, k_proportion=k_proportion)
+    # The per-client loop form agrees too (it is timed against the Gram form).
+    loop = principal_gradient_loop(updates, k_proportion=k_proportion)
     torch.testing.assert_close(loop, expected, rtol=RTOL, atol=ATOL)
 
 

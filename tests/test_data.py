@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from fl import config as c
-from fl.data import DataError, load_federated, load_npz, partition_indices, synthetic
+from fl.data import load_federated, synthetic
+from fl.partition import partition_indices
+from fl.userdata import DataError, load_npz
 
 
 def fed(*overrides):

@@ -18,8 +18,10 @@ import torch
 from fl import config as c
 from fl import data as D
 from fl import datacache, sources
+from fl.partition import partition_indices
 from fl.text import LEAF_VOCABULARY, encode, encode_labels, windows
 from fl.transforms import IDENTITY, BatchTransform
+from fl.userdata import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,9 +124,9 @@ def test_a_process_that_reads_a_decoded_dataset_imports_neither_datasets_nor_pya
                  "partition.kind=natural", "partition.num_clients=4"]
     code = (
         "import sys\n"
-        "from fl import config as c, data as D\n"
+        "from fl import config as c, data as D, nodedata\n"
         f"cfg = c.load(None, {overrides!r})\n"
-        "node = D.node_data(cfg, {'partition-id': 2, 'num-partitions': 4})\n"
+        "node = nodedata.node_data(cfg, {'partition-id': 2, 'num-partitions': 4})\n"
         "print(len(node.data), str(node.data.x.dtype))\n"
         "heavy = [m for m in ('sklearn', 'datasets', 'flwr_datasets', 'pyarrow', 'PIL')\n"
         "         if m in sys.modules]\n"
@@ -150,26 +152,26 @@ def test_femnist_by_writer_one_client_per_writer(files):
     assert [w.pop() for w in writers] == sorted(set(ids.tolist()))  # sorted id order
     assert sorted(np.concatenate(fd.partitions).tolist()) == list(range(len(fd.train)))
     # fewer clients: a seeded sample of the writers, each whole
-    two = D.partition_indices(table.y_train, c.PartitionConfig(kind="natural", num_clients=2),
-                              5, ids)
-    again = D.partition_indices(table.y_train, c.PartitionConfig(kind="natural", num_clients=2),
-                                5, ids)
+    two = partition_indices(table.y_train, c.PartitionConfig(kind="natural", num_clients=2),
+                          5, ids)
+    again = partition_indices(table.y_train, c.PartitionConfig(kind="natural", num_clients=2),
+                            5, ids)
     assert all(np.array_equal(a, b) for a, b in zip(two, again))
     for p in two:
         (w,) = set(ids[p].tolist())
         assert np.array_equal(p, np.flatnonzero(ids == w))
-    seeds = {tuple(sorted({int(ids[p[0]]) for p in D.partition_indices(
+    seeds = {tuple(sorted({int(ids[p[0]]) for p in partition_indices(
         table.y_train, c.PartitionConfig(kind="natural", num_clients=2), s, ids)}))
         for s in range(8)}
     assert len(seeds) > 1  # other seeds, other writers
-    with pytest.raises(D.DataError, match=r"num_clients: got 5; the natural split of this "
+    with pytest.raises(DataError, match=r"num_clients: got 5; the natural split of this "
                                           r"dataset has 4 clients \(allowed: 1..4"):
         D.load_federated(cfg(files["femnist"], "model=cnn_leaf", "partition.kind=natural",
                              "partition.num_clients=5"))
 
 
 def test_natural_partition_needs_an_id_column(files):
-    with pytest.raises(D.DataError, match=r"partition.kind: got 'natural'; dataset.path: .* has "
+    with pytest.raises(DataError, match=r"partition.kind: got 'natural'; dataset.path: .* has "
                                           r"no client-id column \(columns \['img', 'label'\]\)"):
         D.load_federated(cfg(files["cifar"], "model=lenet", "partition.kind=natural"))
 
@@ -231,9 +233,9 @@ def test_a_client_without_examples_is_refused(monkeypatch):
         return ds.select([]) if partition_id == 2 else ds
 
     monkeypatch.setattr(IidPartitioner, "load_partition", one_empty)
-    with pytest.raises(D.DataError, match=r"partition: client 2 gets no examples \(1 of 4 "
+    with pytest.raises(DataError, match=r"partition: client 2 gets no examples \(1 of 4 "
                                           r"clients get none; kind=iid, num_clients=4, 40"):
-        D.partition_indices(np.arange(40) % 4, c.PartitionConfig(kind="iid", num_clients=4), 0)
+        partition_indices(np.arange(40) % 4, c.PartitionConfig(kind="iid", num_clients=4), 0)
 
 
 def test_partition_kinds_of_flwr_datasets_on_digits():
@@ -340,7 +342,7 @@ def test_bad_data_is_one_line(tmp_path, files):
     import datasets
 
     def fails(conf, *needles):
-        with pytest.raises(D.DataError) as e:
+        with pytest.raises(DataError) as e:
             D.prepare(conf)
         line = str(e.value)
         assert "\n" not in line and all(n in line for n in needles), line
@@ -377,7 +379,7 @@ def test_bad_data_is_one_line(tmp_path, files):
 def test_hub_dataset_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     conf = c.load(None, ["dataset.name=hf", "dataset.hf_name=uoft-cs/cifar10", "model=lenet"])
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(DataError) as e:
         D.check_dataset(conf)
     line = str(e.value)
     assert "\n" not in line
@@ -389,8 +391,9 @@ def test_hub_dataset_offline_is_one_line(monkeypatch):
 def test_deploy_split_nodes_scale_and_normalise_as_the_simulation_does(files, tmp_path):
     """`bonsai deploy split` of uint8 images with normalisation: each node's file keeps
     uint8 and the pool's statistics, so a node's batches are the simulation client's."""
-    from fl.data import load_federated, node_data
+    from fl.data import load_federated
     from fl.deploy.split import write_split
+    from fl.nodedata import node_data
 
     exp = cfg(files["cifar"], "model=cnn", "dataset.normalize=true")
     paths = write_split(exp, tmp_path / "nodes")

@@ -20,11 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(datacache.ENV, str(tmp_path / "cache"))
-    D._load_cached.cache_clear()
-    D._load_test_cached.cache_clear()
+    D.clear_loaded()
     yield tmp_path / "cache"
-    D._load_cached.cache_clear()
-    D._load_test_cached.cache_clear()
+    D.clear_loaded()
 
 
 def test_cached_computes_once_and_reads_back_exactly(cache):
@@ -80,10 +78,10 @@ def test_cached_split_and_partitions_equal_a_fresh_computation(cache, monkeypatc
     cfg = c.load(None, overrides)
     monkeypatch.setenv(datacache.ENV, "off")
     fresh = D.load_federated(cfg)
-    D._load_cached.cache_clear()
+    D.clear_loaded()
     monkeypatch.setenv(datacache.ENV, str(cache))
     D.load_federated(cfg)  # computes and stores
-    D._load_cached.cache_clear()
+    D.clear_loaded()
     read = D.load_federated(cfg)  # reads
     assert len(list(cache.glob("partition-*.npz"))) == 1
     for a, b in ((fresh.train, read.train), (fresh.test, read.test)):
@@ -104,7 +102,7 @@ def test_rewritten_npz_file_gets_a_new_split(cache, tmp_path):
     before = D.load_test(cfg).test.x.clone()
     np.savez(path, x=rng.random((60, 4), dtype=np.float32) + 5, y=np.repeat(np.arange(3), 20))
     os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock says
-    D._load_test_cached.cache_clear()
+    D.clear_loaded()
     after = D.load_test(cfg).test.x
     assert float(after.min()) >= 5 > float(before.max())
     assert len(list(cache.glob("split-*.npz"))) == 2
@@ -126,15 +124,14 @@ def test_npz_replaced_with_the_same_size_and_mtime_gets_a_new_split(cache, tmp_p
     np.savez(path, x=rng.random((60, 4), dtype=np.float32) + 5, y=np.tile(np.arange(3), 20))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    D._load_cached.cache_clear()  # a new process (every `bonsai run` is one)
-    D._load_test_cached.cache_clear()
+    D.clear_loaded()  # a new process (every `bonsai run` is one)
     D.prepare(cfg)
     assert len(list(cache.glob("split-*.npz"))) == 2
     assert len(list(cache.glob("partition-*.npz"))) == 2
-    D._load_cached.cache_clear()
+    D.clear_loaded()
     cached = D.load_federated(cfg)
     monkeypatch.setenv(datacache.ENV, "off")
-    D._load_cached.cache_clear()
+    D.clear_loaded()
     fresh = D.load_federated(cfg)  # computed from the new file, no cache
     for a, b in ((fresh.train, cached.train), (fresh.test, cached.test)):
         assert a.x.equal(b.x) and a.y.equal(b.y)
@@ -159,9 +156,9 @@ def test_a_process_that_reads_the_cache_imports_neither_sklearn_nor_flwr_dataset
     D.prepare(cfg)
     code = (
         "import sys\n"
-        "from fl import config as c, data as D\n"
+        "from fl import config as c, data as D, nodedata\n"
         "cfg = c.load(None, ['partition.num_clients=9'])\n"
-        "node = D.node_data(cfg, {'partition-id': 4, 'num-partitions': 9})\n"
+        "node = nodedata.node_data(cfg, {'partition-id': 4, 'num-partitions': 9})\n"
         "print(len(node.data), D.load_test(cfg).test.x.shape[0])\n"
         "heavy = [m for m in ('sklearn', 'datasets', 'flwr_datasets', 'pyarrow', 'scipy')\n"
         "         if m in sys.modules]\n"

@@ -127,7 +127,7 @@ def test_onnx_round_trip_in_onnxruntime(tmp_path):
     assert saved["latency_by_runtime"] == r.latency_by_runtime
 
 
-def _flip_fc2(path: Path) -> None:
+def flip_fc2(path: Path) -> None:
     """Negate the output layer's weights in a saved ONNX file: a broken export that
     still loads and runs (every argmax changes where the bias does not decide)."""
     import onnx
@@ -146,11 +146,11 @@ _BROKEN_SAVE = """
 import sys
 sys.path.insert(0, {tests!r})
 import fl.export
-from test_export import _flip_fc2
+from test_export import flip_fc2
 save = fl.export._save
 def broken(model, example, fmt, path):
     save(model, example, fmt, path)
-    _flip_fc2(path)
+    flip_fc2(path)
 fl.export._save = broken
 from fl.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -166,7 +166,7 @@ def test_a_broken_onnx_file_fails_the_onnxruntime_check(tmp_path, monkeypatch):
 
     def broken(model, example, fmt, path):
         save(model, example, fmt, path)
-        _flip_fc2(path)
+        flip_fc2(path)
 
     monkeypatch.setattr(fl.export, "_save", broken)
     with pytest.raises(ExportMismatch, match=r"the exported model predicts \d+ of 360 test "

@@ -42,10 +42,11 @@ def test_node_guard_stops_flowers_sampler_when_too_few_nodes_remain():
 
 
 def test_server_test_split_is_the_simulation_one_and_shapes_are_known():
-    from fl.data import _DIGITS_INFO, _SYNTHETIC_INFO, load_federated, load_test
+    from fl.data import load_federated, load_test
+    from fl.nodedata import DIGITS_INFO, SYNTHETIC_INFO
 
-    for name, info, model in (("digits", _DIGITS_INFO, "cnn"),
-                              ("synthetic", _SYNTHETIC_INFO, "mlp")):
+    for name, info, model in (("digits", DIGITS_INFO, "cnn"),
+                              ("synthetic", SYNTHETIC_INFO, "mlp")):
         cfg = load(None, [f"dataset.name={name}", f"model={model}", "partition.kind=iid",
                           "partition.num_clients=2", "seed=3"])
         t, fd = load_test(cfg), load_federated(cfg)

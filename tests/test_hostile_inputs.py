@@ -153,7 +153,7 @@ def test_nan_and_inf_are_counted_with_the_first_index(tmp_path, vectors):
 
 
 def test_values_beyond_float32_are_non_finite(tmp_path):
-    from fl.data import DataError, load_npz
+    from fl.userdata import DataError, load_npz
 
     x = np.zeros((4, 3))
     x[2, 1] = 1e39  # finite in float64, inf once the model's float32
@@ -172,7 +172,7 @@ def test_a_stray_label_is_reported_not_a_100001_class_model(tmp_path, vectors):
 
 
 def test_label_rule():
-    from fl.data import DataError, check_labels
+    from fl.userdata import DataError, check_labels
 
     check_labels(np.array([0, 1, 2, 2]), "w")
     with pytest.raises(DataError, match="class 1 is the first"):
@@ -194,7 +194,8 @@ def test_cnn_with_vector_data_stops_before_flower(tmp_path, vectors):
 
 
 def test_grayscale_images_get_a_channel_axis(tmp_path):
-    from fl.data import load_npz, node_data
+    from fl.nodedata import node_data
+    from fl.userdata import load_npz
 
     rng = np.random.default_rng(1)
     p = npz(tmp_path / "gray.npz", rng.random((30, 8, 8), dtype=np.float32), np.arange(30) % 3)
@@ -436,7 +437,7 @@ def test_resume_cannot_be_set_by_hand(tmp_path):
 
 # --- item 11: minor ----------------------------------------------------------------------
 def test_a_pickle_is_not_an_npz_and_no_allow_pickle_advice(tmp_path):
-    from fl.data import DataError, load_npz
+    from fl.userdata import DataError, load_npz
 
     p = tmp_path / "data.npz"
     p.write_bytes(pickle.dumps({"x": [1.0], "y": [0]}))

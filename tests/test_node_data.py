@@ -1,4 +1,4 @@
-"""A deployed node's own data (fl.data.node_data, fl.data.load_local): its .npz or image
+"""A deployed node's own data (fl.nodedata.node_data, fl.userdata.load_local): its .npz or image
 folder, never a partition, checked against the experiment's model."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 from datafiles import digits_cfg, write_npz
 
 from fl.config import load
-from fl.data import DataError, node_data
+from fl.nodedata import node_data
+from fl.userdata import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 

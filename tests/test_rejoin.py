@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from test_strategies import LoopbackGrid, experiment
 
-from fl import contract as k
+from fl import contract
 from fl.results import RunRecorder, read_rounds
 from fl.sampling import sample_clients
 from server.guard import NodeGuard
@@ -56,7 +56,9 @@ def _round(s, grid, rnd):
     msgs = list(s.configure_train(rnd, ArrayRecord(), ConfigRecord({}), grid))
     replies = grid.send_and_receive(msgs)
     arrays, _ = s.aggregate_train(rnd, replies)
-    return {m.metadata.dst_node_id: k.STRUCTURE in m.content[k.CONFIG] for m in msgs}, replies
+    sent = {m.metadata.dst_node_id: contract.STRUCTURE in m.content[contract.CONFIG]
+            for m in msgs}
+    return sent, replies
 
 
 def _autoflip():
@@ -121,7 +123,7 @@ class _QueryGrid:
         for m in messages:
             nid = m.metadata.dst_node_id
             self.queried.append(nid)
-            out.append(Message(RecordDict({k.METRICS: MetricRecord(
+            out.append(Message(RecordDict({contract.METRICS: MetricRecord(
                 {"partition-id": self.partitions[nid]})}), reply_to=m))
         return out
 

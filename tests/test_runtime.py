@@ -11,14 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ORPHAN = textwrap.dedent("""
     import os, subprocess, sys
     from pathlib import Path
-    from fl.proctree import PR_GET_CHILD_SUBREAPER, Orphans, _prctl
+    from fl.proctree import PR_GET_CHILD_SUBREAPER, Orphans, prctl
 
     def ppid(pid):
         stat = Path(f"/proc/{pid}/stat").read_text()
         return int(stat[stat.rindex(")") + 2:].split()[1])
 
     orphans = Orphans()
-    assert orphans.enabled and _prctl(PR_GET_CHILD_SUBREAPER) == 1
+    assert orphans.enabled and prctl(PR_GET_CHILD_SUBREAPER) == 1
     # a child that starts a sleeper in its own session (no marker, no session we
     # know) and exits at once: the sleeper is orphaned
     starter = ("import subprocess, sys; print(subprocess.Popen([sys.executable, '-c', "
@@ -29,7 +29,7 @@ ORPHAN = textwrap.dedent("""
     assert ppid(sleeper) == os.getpid(), "the orphan is ours, not init's"
     orphans.end()
     assert not Path(f"/proc/{sleeper}").exists(), "killed and reaped"
-    assert _prctl(PR_GET_CHILD_SUBREAPER) == 0, "subreaper setting restored"
+    assert prctl(PR_GET_CHILD_SUBREAPER) == 0, "subreaper setting restored"
     print("ok")
 """)
 

@@ -249,7 +249,7 @@ def test_fedprox_term_is_added_inside_autoflip():
     """docs/ALGORITHMS.md §3: AutoFLIP's clients train CE + mu/2 ||w - theta_g||^2 on the
     shrunk, masked model. Their update differs from mu = 0 and equals plain autograd
     gradient descent on that objective."""
-    from fl.data import node_data
+    from fl.nodedata import node_data
     from fl.pruning import shrink_model, structure_from_json
 
     mu, lr, epochs = 2.0, 0.1, 3
@@ -313,7 +313,7 @@ def test_each_recorded_decomposition_term_matches_its_definition(tmp_path, strat
     """docs/ALGORITHMS.md §2.1, term by term: the round loop's local, distribution-shift,
     aggregation and global losses against L_i(theta_i), L_j(theta_i) and L_j(theta_g)
     computed here from the clients' own replies (their trained models) and data."""
-    from fl.data import node_data
+    from fl.nodedata import node_data
     from fl.pruning import shrink_model, structure_from_json
     from fl.results import RunRecorder, read_rounds
     from server.rounds import run_rounds

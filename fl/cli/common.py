@@ -65,7 +65,7 @@ def ray_address(flag: str | None, console: Console) -> str | None | int:
     return address
 
 
-def _check_data_child(partitions: bool = True) -> None:
+def check_data_child(partitions: bool = True) -> None:
     """Child-process entry of :func:`check_data`: ``{id: flat config}`` as JSON on stdin;
     ``{"problems": {id: [problem, ...]}, "clients": {id: count}}`` as the last line of
     stdout (the count of each natural partition asked for with ``num_clients=0``)."""
@@ -95,8 +95,8 @@ def check_data(configs: Mapping[str, ExperimentConfig],
     if not configs:
         return {}
     proc = subprocess.run(
-        [sys.executable, "-c", "from fl.cli.common import _check_data_child; "
-         f"_check_data_child({bool(partitions)})"],
+        [sys.executable, "-c", "from fl.cli.common import check_data_child; "
+         f"check_data_child({bool(partitions)})"],
         input=json.dumps({cid: to_flat(c) for cid, c in configs.items()}),
         capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()

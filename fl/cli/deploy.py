@@ -26,7 +26,7 @@ from rich.console import Console
 
 from fl import interrupts
 from fl.cli.common import DEFAULT_EXPERIMENT, fail, load_or_fail, print_summary
-from fl.data import DataError, check_dataset
+from fl.data import check_dataset
 from fl.deploy.keys import KeyFileError, cert_hosts, make_keys
 from fl.deploy.local import existing_keys, plan_local, run_local
 from fl.deploy.processes import (
@@ -45,6 +45,7 @@ from fl.node import DEVICES
 from fl.procgroup import RuntimeFailure
 from fl.rundir import RunDirError, check_run_dir, writable_problem
 from fl.tracking import missing_packages
+from fl.userdata import DataError
 
 USER_ERRORS = (KeyFileError, DeployError, DataError, ValueError)
 

@@ -6,7 +6,7 @@ a loopback federation for one run.
 - :mod:`~fl.deploy.local`: SuperLink + N SuperNodes on 127.0.0.1 for one run
 
 The ClientApp side (node config keys, edge profile, peak memory) is in
-:mod:`fl.node`; a node's own data in :func:`fl.data.node_data`.
+:mod:`fl.node`; a node's own data in :func:`fl.nodedata.node_data`.
 """
 
 from fl.deploy.keys import (

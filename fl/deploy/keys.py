@@ -16,6 +16,11 @@ any is written; ``force`` first moves the existing ones into a backup folder):
 :func:`check_superlink_tls` and :func:`check_node_tls` check a set of files
 before a process is started, so a missing or mismatched file is one clear line
 instead of a gRPC handshake failure minutes later.
+
+Why one module of this length: making the key material and checking it are two
+halves of one file layout (names, formats, the CA chain, the hosts a certificate
+covers); the checks read exactly what :func:`make_keys` writes, so a change to one
+shows in the other. It is the only module that imports ``cryptography``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ by a watchdog process when ``bonsai`` itself is killed.
 This is the real deployment path (separate processes talking HTTPS on
 127.0.0.1), not the simulation runtime: what works here works across machines
 with the same commands and other host names (README, Deployment).
+
+Why one module of this length: one command's federation (``bonsai deploy local``):
+the process set (start, readiness, pause, resume and restart of a node, close), its
+planning from a data folder and the run on it, all over one node list and log folder.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from rich.console import Console
 
 from fl.config import ExperimentConfig
-from fl.data import DataError, check_model_fit, node_data
+from fl.data import check_model_fit
 from fl.deploy.keys import KeySet, check_node_key, check_superlink_tls, make_keys
 from fl.deploy.processes import (
     DeployError,
@@ -42,6 +46,7 @@ from fl.deploy.processes import (
 )
 from fl.flowerapp import write_app, write_run_config
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, PARTITION_ID, THREADS
+from fl.nodedata import node_data
 from fl.procgroup import ProcessContext, ProcessGroup, RuntimeFailure
 from fl.proctree import MARKER_ENV
 from fl.progress import watch
@@ -49,6 +54,7 @@ from fl.results import RUN_CONFIG_TOML, SUMMARY_JSON
 from fl.rundir import prepare_run_dir
 from fl.runtime import FLOWER_ENV, flower_bin, free_port
 from fl.simulation import wait_run
+from fl.userdata import DataError
 from fl.watchdog import WATCHDOG_LOG
 
 __all__ = ["LocalFederation", "LocalNode", "existing_keys", "node_sources", "plan_local",

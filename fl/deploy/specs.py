@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fl.config import ExperimentConfig, shown
-from fl.data import check_model_fit, load_local, node_data
+from fl.data import check_model_fit
 from fl.deploy.keys import (
     CA_CERT,
     NODES_DIR,
@@ -26,6 +26,8 @@ from fl.deploy.keys import (
 )
 from fl.deploy.processes import DeployError, SuperLinkSpec, SuperNodeSpec, check_port_free
 from fl.node import DATA_PATH, DEVICE, METRICS_PATH, NUM_CLASSES, PARTITION_ID, THREADS
+from fl.nodedata import node_data
+from fl.userdata import load_local
 
 __all__ = ["check_address", "check_port", "client_ca", "default_partition_id", "key_file",
            "superlink_spec", "supernode_spec"]

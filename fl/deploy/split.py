@@ -6,7 +6,7 @@ partitioner and seed of the simulation, as ``node-i.npz``: ``x`` as stored (floa
 uint8 images, int64 token ids), ``y``, the global ``num_classes`` (for nodes that
 lack the highest classes) and, when the experiment normalises, the pool's
 per-channel ``mean`` and ``std`` (so every node scales its batches as the
-simulation's clients do: fl.data.local_node_data).
+simulation's clients do: fl.nodedata.local_node_data).
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """MaskedSGD and MaskedAdamW: torch optimizers whose step is one fused masked pass over a
-flat buffer (fl/optim/__init__.py says what the flat buffers change for the caller)."""
+flat buffer (fl/optim/__init__.py says what the flat buffers change for the caller).
+
+Why one module of this length: two thin subclasses (a constructor and a fused step
+each) of the base that holds everything they share (flat buffers, masks, the FedProx
+anchor, clipping, state round trips); fl/optim/cohort.py has the same layout for the
+stacked buffers of a cohort.
+"""
 
 from __future__ import annotations
 
@@ -142,6 +148,12 @@ class MaskedOptimizer(torch.optim.Optimizer):
             if flat.anchor is None:
                 flat.anchor = flat.zeros()
             flat.view(flat.anchor, i).copy_(t)
+
+    @property
+    def backends(self) -> list[str]:
+        """What each flat buffer's step dispatches to (``"triton"`` or ``"torch"``, the
+        reference), one entry per param group and device."""
+        return [flat.backend for flat in self._flats]
 
     # --- gradients ----------------------------------------------------------------
 

@@ -160,8 +160,9 @@ def plot_partitions(study: StudyData, out: Path, line_axis: str | None,
     from flwr_datasets.visualization import plot_label_distributions
 
     from fl.config import ConfigError, build
-    from fl.data import load_federated, make_partitioner
+    from fl.data import load_federated
     from fl.dotted import flatten
+    from fl.partition import make_partitioner
 
     files: list[Path] = []
     notes: list[str] = []
