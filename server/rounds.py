@@ -80,7 +80,7 @@ def _partitions(partition_of: Callable[[int], int | None], node_ids: Iterable[in
     return sorted(-1 if (p := partition_of(n)) is None else p for n in node_ids)
 
 
-def _ray_nodes(replies: Iterable[Message]) -> list[str]:
+def ray_nodes_of(replies: Iterable[Message]) -> list[str]:
     """The Ray nodes (fl.scaleout.node_label) that trained these replies, sorted; empty
     outside a simulation."""
     nodes = {node_label(m[contract.RAY_NODE_ID]) for r in replies
@@ -244,7 +244,7 @@ def run_rounds(
                 rest["participants"] = _partitions(partition_of, replied)
                 rest["failed"] = _partitions(
                     partition_of, {m.metadata.dst_node_id for m in msgs} - replied)
-            if ray_nodes := _ray_nodes(ok):
+            if ray_nodes := ray_nodes_of(ok):
                 rest["ray_nodes"] = ray_nodes
             if train_metrics is not None and contract.TRAIN_LOSS in train_metrics:
                 rest["train_loss"] = float(train_metrics[contract.TRAIN_LOSS])

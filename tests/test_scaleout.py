@@ -24,7 +24,7 @@ from fl.scaleout import (
     resolve_address,
 )
 from fl.simulation import federation_config
-from server.rounds import _ray_nodes
+from server.rounds import ray_nodes_of
 
 FED = {"num-supernodes": 5, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.25}
 
@@ -135,8 +135,8 @@ def test_round_records_name_the_ray_nodes_of_the_replies():
     a, b = node_number("aa" * 28), node_number("0b" * 28)
     replies = [reply(**{contract.RAY_NODE_ID: a}), reply(**{contract.RAY_NODE_ID: b}),
                reply(**{contract.RAY_NODE_ID: a}), reply()]
-    assert _ray_nodes(replies) == ["0b0b0b0b0b0b0b", "aaaaaaaaaaaaaa"]
-    assert _ray_nodes([reply()]) == []
+    assert ray_nodes_of(replies) == ["0b0b0b0b0b0b0b", "aaaaaaaaaaaaaa"]
+    assert ray_nodes_of([reply()]) == []
 
 
 @pytest.mark.parametrize("args,line", [
