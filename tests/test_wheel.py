@@ -1,16 +1,17 @@
 """Bonsai as an installed package: the wheel, installed into a new virtual
 environment, runs its commands from an empty directory far from any checkout.
 
-The venv is made with ``--system-site-packages`` and the wheel installed with
-``--no-deps``: the venv sees this environment's site-packages for the dependencies
-(torch, Flower, Ray: reinstalling gigabytes per test run would not fit the suite's
-time), and ``pip check`` there confirms that their versions satisfy the ranges the
-wheel declares. It sees nothing of the checkout: the checkout's editable-install
-finder is removed at start-up (a ``sitecustomize`` in the venv), so every
-``import fl``, ``server``, ``clients`` ... comes from the wheel, and Flower's own
-commands run with the venv's interpreter (console scripts written into the venv,
-first on PATH), which is what each Flower process (SuperLink, SuperExec, ServerApp,
-ClientApps, Ray's workers) then starts with.
+The venv is made with ``--system-site-packages`` (less the setuptools it bundles)
+and the wheel installed with ``--no-deps``: the venv sees this environment's
+site-packages for the dependencies (torch, Flower, Ray: reinstalling gigabytes per
+test run would not fit the suite's time), and ``pip check`` there confirms that
+their versions satisfy the ranges the wheel declares. It sees nothing of the
+checkout: the checkout's editable-install finder is removed at start-up (a
+``sitecustomize`` in the venv), so every ``import fl``, ``server``, ``clients`` ...
+comes from the wheel, and Flower's own commands run with the venv's interpreter
+(console scripts written into the venv, first on PATH), which is what each Flower
+process (SuperLink, SuperExec, ServerApp, ClientApps, Ray's workers) then starts
+with.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def venv(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)],
                    check=True, timeout=300)
     py = env_dir / "bin" / "python"
+    # venv's own setuptools (the old one ensurepip bundles) would shadow this environment's,
+    # which torch and grpcio-tools require (>= 77, pip check): the venv uses this one's
+    subprocess.run([py, "-m", "pip", "uninstall", "-y", "-q", "setuptools"], check=True,
+                   capture_output=True, timeout=300)
     site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "sitecustomize.py").write_text(SITECUSTOMIZE.format(root=str(ROOT)))
