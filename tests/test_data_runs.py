@@ -4,10 +4,10 @@ data stops ``bonsai`` with one line before Flower starts.
 Each slow test takes one real cell of a shipped study (simulations/, issue 13),
 points it at a small local dataset with the hub's schema (tests/hubdata.py) and
 shrinks it (2 rounds, a few clients, 1 local epoch), then runs it with ``bonsai
-run`` as a user would: a real Flower simulation through Ray. Four runs of about 50 s
-each on the 2-core test machine, one per study; the other local layouts
-(save_to_disk, csv against parquet) are read by the same loader in
-tests/test_data_sources.py.
+run`` as a user would: a real Flower simulation through Ray. Five runs of about 50 s
+each on the 2-core test machine: one per study, and the CIFAR-10 ResNet cell on both an
+image folder and a ``datasets.save_to_disk`` folder (csv against parquet is read by the
+same loader in tests/test_data_sources.py).
 """
 
 from __future__ import annotations
@@ -92,10 +92,15 @@ def test_cifar10_study_cell_on_a_hub_layout_parquet_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_resnet18_study_cell_on_an_image_folder(tmp_path):
+@pytest.mark.parametrize("layout", ["image_folder", "save_to_disk"])
+def test_resnet18_study_cell_on_an_image_folder_or_a_saved_dataset(tmp_path, layout):
     """Reddi et al.'s cell (resnet18_gn, normalised, crops and flips, inner Dirichlet)
-    with FedAvg on an image folder of one sub-folder per class."""
-    data = hubdata.image_folder(tmp_path / "imgs", classes=2, per_class=10, size=16)
+    with FedAvg on an image folder of one sub-folder per class, and on a folder written
+    by ``datasets.save_to_disk`` (a DatasetDict with train and test splits)."""
+    if layout == "image_folder":
+        data = hubdata.image_folder(tmp_path / "imgs", classes=2, per_class=10, size=16)
+    else:
+        data = hubdata.saved_to_disk(tmp_path / "disk", train=20, test=8)
     run_dir, _ = run_cell(tmp_path, "cifar10_dir01_resnet18gn.yaml", "strategy=fedavg,seed=0",
                           **{"dataset.path": str(data), "partition.num_clients": 2,
                              "strategy.min_train_clients": 2, "strategy.fraction_train": 1.0})

@@ -3,6 +3,8 @@
 after a run interrupted with SIGINT, both nodes are alive (the same GCS and raylet
 processes), no process of Bonsai's is left, and Ray has ended our actors (their
 workers are started by the cluster's raylets, not by us: ending our driver ends them).
+Then `bonsai sweep --ray-address` of a two-cell study on the same cluster (the README's
+recipe): each cell's results land in the study folder, and the cluster is as it was.
 The cluster is then ended by the PIDs of the `ray start` sessions we started.
 """
 
@@ -16,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from processes import bonsai, wait_gone
 from raycluster import LoopbackCluster, gcs_answers
 
@@ -103,4 +106,36 @@ def test_interrupted_run_leaves_the_cluster_as_it_was(cluster, tmp_path, private
     assert proc.returncode == 130, err[-3000:]
     assert "joining the Ray cluster at" in out and "(from RAY_ADDRESS)" in out
     assert "interrupted; every process was stopped" in err and "Traceback" not in err
+    check_cluster_as_it_was(cluster, daemons, mark, private_tmp)
+
+
+def test_sweep_runs_each_cell_on_the_cluster_and_leaves_it_alone(cluster, tmp_path,
+                                                                  private_tmp):
+    """`bonsai sweep STUDY --ray-address` (the README's one command for a study): two
+    one-round cells, one after the other, each on the whole cluster."""
+    daemons = cluster.daemons()
+    nodes = {n[:NODE_DIGITS] for n in cluster.node_ids().values()}
+    study = tmp_path / "mini.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "mini", "output_dir": str(tmp_path / "studies"),
+        "base": {"rounds": 1, "model": "mlp", "partition": {"num_clients": 2},
+                 "train": {"local_epochs": 1},
+                 "strategy": {"name": "fedavg", "min_train_clients": 2}},
+        "grid": {"seed": [0, 1]}}))
+    mark = uuid.uuid4().hex
+    proc = bonsai(["sweep", str(study), "--quiet", "--ray-address", cluster.address], mark,
+                  env={"TMPDIR": str(private_tmp)})
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"joining the Ray cluster at {cluster.address}" in out
+    assert "ran 2, skipped 0 finished earlier, failed 0" in out
+    study_dir = tmp_path / "studies" / "mini"
+    assert sorted(d.name for d in study_dir.iterdir() if d.is_dir()) == ["seed=0", "seed=1"]
+    for cell in ("seed=0", "seed=1"):
+        assert (study_dir / cell / "summary.json").is_file()
+        rounds = read_rounds(study_dir / cell)
+        assert [r["round"] for r in rounds] == [0, 1]
+        # trained by actors on the cluster's nodes, not on a private Ray
+        used = set(rounds[1].get("ray_nodes", []))
+        assert rounds[1]["clients"] == 2 and used and used <= nodes, rounds[1]
     check_cluster_as_it_was(cluster, daemons, mark, private_tmp)

@@ -1,14 +1,17 @@
-"""Bonsai as an installed package: the wheel, installed into a fresh virtual
+"""Bonsai as an installed package: the wheel, installed into a new virtual
 environment, runs its commands from an empty directory far from any checkout.
 
-The venv sees this environment's site-packages for the dependencies (torch,
-Flower, Ray: reinstalling gigabytes per test run would not fit the suite's time)
-and nothing of the checkout: the checkout's editable-install finder is removed at
-start-up (a ``sitecustomize`` in the venv), so every ``import fl``, ``server``,
-``clients`` ... comes from the wheel, and Flower's own commands run with the
-venv's interpreter (console scripts written into the venv, first on PATH), which
-is what each Flower process (SuperLink, SuperExec, ServerApp, ClientApps, Ray's
-workers) then starts with.
+The venv is made with ``--system-site-packages`` (less the setuptools it bundles)
+and the wheel installed with ``--no-deps``: the venv sees this environment's
+site-packages for the dependencies (torch, Flower, Ray: reinstalling gigabytes per
+test run would not fit the suite's time), and ``pip check`` there confirms that
+their versions satisfy the ranges the wheel declares. It sees nothing of the
+checkout: the checkout's editable-install finder is removed at start-up (a
+``sitecustomize`` in the venv), so every ``import fl``, ``server``, ``clients`` ...
+comes from the wheel, and Flower's own commands run with the venv's interpreter
+(console scripts written into the venv, first on PATH), which is what each Flower
+process (SuperLink, SuperExec, ServerApp, ClientApps, Ray's workers) then starts
+with.
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def venv(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)],
                    check=True, timeout=300)
     py = env_dir / "bin" / "python"
+    # venv's own setuptools (the old one ensurepip bundles) would shadow this environment's,
+    # which torch and grpcio-tools require (>= 77, pip check): the venv uses this one's
+    subprocess.run([py, "-m", "pip", "uninstall", "-y", "-q", "setuptools"], check=True,
+                   capture_output=True, timeout=300)
     site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "sitecustomize.py").write_text(SITECUSTOMIZE.format(root=str(ROOT)))
@@ -110,15 +117,31 @@ def test_wheel_holds_every_package_and_the_shipped_files(venv):
     assert {"quickstart", "smoke_study", "noniid_study"} <= set(found["shipped"])
 
 
+def test_the_installed_versions_satisfy_the_wheels_dependency_ranges(venv):
+    """The wheel went in with --no-deps: pip check verifies every requirement it
+    declares (and those of everything else the venv sees) is installed in range."""
+    check = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "check"],
+                           capture_output=True, text=True, cwd=venv.parent, timeout=300)
+    assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
+
+
+def test_init_copies_the_shipped_files_into_an_empty_directory(venv, tmp_path):
+    _bonsai(venv, tmp_path, "init", "mine")
+    shipped = sorted((ROOT / "simulations").glob("*.yaml"))
+    copied = sorted((tmp_path / "mine").iterdir())
+    assert [p.name for p in copied] == [p.name for p in shipped]
+    assert all(c.read_bytes() == s.read_bytes() for c, s in zip(copied, shipped))
+
+
 def test_run_sweep_export_and_deploy_local_from_an_empty_directory(venv, tmp_path):
     """The commands a user of the package types, from a folder with no Bonsai files."""
     work = tmp_path / "work"
     work.mkdir()
-    out = _bonsai(venv, work, "run", "quickstart", "--quiet", "--set", "rounds=1",
+    out = _bonsai(venv, work, "run", "quickstart", "--quiet", "--set", "rounds=2",
                   "--set", "partition.num_clients=4")
     (run_dir,) = (work / "results").iterdir()  # results under the current directory
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 1 and str(run_dir) in out
+    assert summary["rounds"] == 2 and str(run_dir) in out
     assert (run_dir / "structure.json").is_file()  # AutoFLIP pruned the model
     _bonsai(venv, work, "export", str(run_dir), "--format", "torchscript", "--runs", "3")
     assert (run_dir / "model.torchscript.pt").is_file()
