@@ -125,23 +125,22 @@ def _run_pids(mark: str) -> set[int]:
     return set(descendants(os.getpid())) | set(marked(mark, key=MARK))
 
 
-def _mem(pid: int, pss: bool = True) -> tuple[str, int, int] | None:
-    """(command name, RSS bytes, PSS bytes) of ``pid`` (``pss`` False: RSS in its place;
-    smaps_rollup walks the process's page tables, about 4 ms for a Ray worker)."""
+def _mem(pid: int, with_pss: bool = True) -> tuple[str, int, int] | None:
+    """(command name, RSS bytes, PSS bytes) of ``pid`` (``with_pss`` False: RSS in PSS's
+    place; reading smaps_rollup walks the process's page tables)."""
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
         rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-        pss_bytes = rss
-        if not pss:
-            return comm, rss, rss
+        pss = rss
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            for line in (Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                         if with_pss else ()):
                 if line.startswith("Pss:"):
-                    pss_bytes = int(line.split()[1]) * 1024
+                    pss = int(line.split()[1]) * 1024
                     break
         except OSError:
             pass
-        return comm, rss, pss_bytes
+        return comm, rss, pss
     except (OSError, ValueError, IndexError):
         return None
 
@@ -167,10 +166,10 @@ class MemorySampler(threading.Thread):
     clock (CLOCK_MONOTONIC: the same in every process on Linux), and, when ``watch``
     is a glob of a rounds.jsonl, the time each new round record appeared.
 
-    PSS is read at every ``pss_every``-th sample only: reading it for the ~15
-    processes of a run costs about 65 ms of CPU, and at every sample (5 a second)
-    that took a quarter of a core from the run being measured, which slows a run
-    that keeps both cores busy more than one that leaves a core idle."""
+    PSS is read at every ``pss_every``-th sample only: read for every process of a
+    run five times a second, it took a large share of a core from the run being
+    measured, which slows a run that keeps both cores busy more than one that leaves a
+    core idle."""
 
     def __init__(self, mark: str, interval: float = 0.2, watch: str = "", pss_every: int = 5):
         super().__init__(daemon=True)

@@ -27,7 +27,7 @@ from fl.progress import watch
 from fl.results import ROUNDS_CSV, ROUNDS_JSONL, RUN_CONFIG_TOML, STOPPING, SUMMARY_JSON
 from fl.rundir import prepare_run_dir
 from fl.runtime import SimulationRuntime
-from fl.scaleout import RayTarget
+from fl.scaleout import RayTarget, machine_resources
 
 __all__ = ["cohort_workers", "federation_config", "run_simulation", "visible_gpus", "wait_run"]
 
@@ -63,8 +63,7 @@ def cohort_workers(cfg: ExperimentConfig) -> int:
     workers share a card) when that is fewer; at most one per client."""
     if cfg.simulation.workers:
         return cfg.simulation.workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = max(1, (cpus or 1) // cfg.resources.client_cpus)
+    n = max(1, machine_resources()[0] // cfg.resources.client_cpus)
     gpus = visible_gpus() if cfg.resources.device != "cpu" else 0
     if cfg.resources.client_gpus > 0 and gpus:
         n = min(n, max(1, gpus * math.floor(1 / cfg.resources.client_gpus + 1e-9)))

@@ -163,8 +163,8 @@ def cohort_summary(cfg: ExperimentConfig, cohorts: CohortGrid,
 
 
 #: seconds between the simulation grid's polls for replies: Flower's InMemoryGrid
-#: sleeps 0.1 s between polls, on average 0.05 s of each exchange in a round of ~3 s
-#: (cohort mode); a poll of the in-memory state for ~100 ids takes microseconds
+#: sleeps 0.1 s between polls, so replies wait 0.05 s on average in each exchange of
+#: a round of ~3 s (cohort mode); a poll only reads the in-memory link state
 REPLY_POLL_SECONDS = 0.01
 
 

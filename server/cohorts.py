@@ -108,8 +108,8 @@ class CohortGrid(GridProxy):
             if self.sticky:
                 worker = self.worker_of(client)
             else:
-                worker = turn[dealt.get(kind, 0) % len(turn)]
-                dealt[kind] = dealt.get(kind, 0) + 1
+                dealt[kind] = dealt.get(kind, -1) + 1
+                worker = turn[dealt[kind] % len(turn)]
             groups.setdefault((worker, kind), []).append(m)
         packs = []
         for (worker, kind), members in groups.items():
