@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -78,46 +79,75 @@ def train(
     normalised on ``device``, augmented with draws seeded from ``seed``; the identity
     for data used as stored). The objective is
     cross-entropy plus FedLD's margin control when ``margin_lambda > 0``
-    (fl.objectives.margin_loss); pruned entries (``masks``) never move.
+    (fl.objectives.margin_loss); pruned entries (``masks``) never move. Where
+    :func:`channels_last_helps` (conv models on a CPU) it trains in the channels-last
+    layout and hands ``model`` back in the default one, also when training fails (the
+    same values up to float32 summation order).
     """
     if len(data) == 0:
         raise ValueError("data: this client has no examples to train on")
     model.to(device).train()
+    channels_last = channels_last_helps(model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     dev_masks = {n: m.to(device) for n, m in masks.items()} if masks else None
-    opt = make_optimizer(model, cfg, masks=dev_masks, proximal_mu=proximal_mu)
-    gen = torch.Generator().manual_seed(seed)
-    transform = data.transform
-    augment = transform.generator(seed)
-    x, y = data.x.to(device), data.y.to(device)
-    n = len(data)
-    t0 = time.perf_counter()
-    steps, last_epoch_loss = 0, 0.0
-    for _ in range(cfg.local_epochs if epochs is None else epochs):
-        order = torch.randperm(n, generator=gen).to(device)
-        # summed on the device, in float64 as a Python float would be: reading the loss
-        # each step would make the host wait for the GPU at every batch
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = margin_loss(model(transform(x[idx], augment, train=True)), y[idx],
-                               margin_lambda)
-            loss.backward()
-            opt.step()
-            total += loss.detach().double() * len(idx)
-            count += len(idx)
-            steps += 1
-        last_epoch_loss = float(total) / count
+    try:
+        opt = make_optimizer(model, cfg, masks=dev_masks, proximal_mu=proximal_mu)
+        gen = torch.Generator().manual_seed(seed)
+        transform = data.transform
+        augment = transform.generator(seed)
+        x, y = data.x.to(device), data.y.to(device)
+        n = len(data)
+        t0 = time.perf_counter()
+        steps, last_epoch_loss = 0, 0.0
+        for _ in range(cfg.local_epochs if epochs is None else epochs):
+            order = torch.randperm(n, generator=gen).to(device)
+            # summed on the device, in float64 as a Python float would be: reading the loss
+            # each step would make the host wait for the GPU at every batch
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            count = 0
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = margin_loss(model(transform(x[idx], augment, train=True)), y[idx],
+                                   margin_lambda)
+                loss.backward()
+                opt.step()
+                total += loss.detach().double() * len(idx)
+                count += len(idx)
+                steps += 1
+            last_epoch_loss = float(total) / count
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
     return TrainResult(last_epoch_loss, n, time.perf_counter() - t0, steps)
 
 
+def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model`` runs faster in the channels-last layout on ``device``: on a CPU,
+    for a model with 2-D convolutions and no GroupNorm. oneDNN's convolutions and
+    max-pooling then work in their native layout instead of reordering every
+    activation; torch's CPU GroupNorm is slower in it (``benchmarks/layout.py`` times
+    every conv model in both layouts, ``benchmarks/server_costs.py`` the evaluation).
+    On a GPU the default layout stays: cuDNN picks its own for float32."""
+    if device.type != "cpu":
+        return False
+    modules = list(model.modules())
+    return (any(isinstance(m, nn.Conv2d) for m in modules)
+            and not any(isinstance(m, nn.GroupNorm) for m in modules))
+
+
 def evaluate(
-    model: nn.Module, data: Arrays, device: torch.device, batch_size: int = 512,
-    threads: int = 1,
+    model: nn.Module, data: Arrays, device: torch.device, batch_size: int = 256,
+    threads: int = 1, channels_last: bool | None = None,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on ``data`` (each batch through
     ``data.transform``, without augmentation).
+
+    ``batch_size`` 256 by default: with 512 the digits CNN's activations of a batch
+    (8 MB a layer) are large enough that glibc returns them to the kernel after each
+    batch and faults them in again, and over a third of the CPU time of the server's
+    threaded evaluation went to the kernel (``benchmarks/server_costs.py`` times both).
 
     ``threads`` > 1 (CPU only): contiguous runs of batches go to that many Python
     threads (torch releases the GIL inside its kernels), for a caller whose torch uses
@@ -125,8 +155,16 @@ def evaluate(
     one-thread workers. The batches and the order their sums are added in are those of
     one thread, so the result is the same to the last bit. The threads share ``model``
     in eval mode, which changes nothing in it (BatchNorm reads its running statistics).
+
+    ``channels_last`` (default: :func:`channels_last_helps`) evaluates a channels-last
+    copy of ``model`` on channels-last batches; ``model`` itself is left as it is. The
+    values equal the default layout's up to float32 summation order.
     """
     model.to(device).eval()
+    if channels_last is None:
+        channels_last = channels_last_helps(model, device)
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     starts = list(range(0, len(data), batch_size))
 
     @torch.no_grad()
@@ -135,6 +173,8 @@ def evaluate(
         for start in chunk:
             xb = data.transform(data.x[start:start + batch_size].to(device), None,
                                 train=False)
+            if channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             yb = data.y[start:start + batch_size].to(device)
             logits = model(xb)
             out.append((float(F.cross_entropy(logits, yb, reduction="sum")),

@@ -386,3 +386,33 @@ def test_bad_arguments_name_themselves() -> None:
     for fn, name in cases:
         with pytest.raises(ValueError, match=rf"^{name}:"):
             fn()
+
+
+@pytest.mark.parametrize("cls", [MaskedSGD, MaskedAdamW])
+def test_channels_last_parameters_step_as_their_contiguous_twins(cls: type) -> None:
+    """fl.train trains conv models channels-last on a CPU: a 4-D parameter in that layout
+    stays so as a view of the flat buffer, and with the same gradients every step, mask,
+    FedProx pull and state entry is bitwise what the contiguous layout gives."""
+    ref_model = _model()
+    cl_model = copy.deepcopy(ref_model).to(memory_format=torch.channels_last)
+    conv = cl_model[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    masks = _masks(ref_model)
+    kw = dict(momentum=0.9) if cls is MaskedSGD else {}
+    ref, ours = (cls(m.parameters(), lr=0.05, weight_decay=1e-2, prox_mu=0.1, masks=masks,
+                     **kw) for m in (ref_model, cl_model))  # fmt: skip
+    flat = ours._flats[0]
+    for x, y in _batches(5):
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref_model(x), y).backward()
+        ours.zero_grad()
+        for p, q in zip(cl_model.parameters(), ref_model.parameters(), strict=True):
+            p.grad.copy_(q.grad)  # the same gradients, laid out as each parameter
+        ours.step()
+        ref.step()
+    _assert_params_exact(cl_model, ref_model, "channels-last")
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert flat.param.data_ptr() <= conv.data_ptr() < flat.param.data_ptr() + 4 * flat.size
+    keys = ("momentum_buffer",) if cls is MaskedSGD else ("exp_avg", "exp_avg_sq")
+    _assert_state_exact(ours, ref, keys)
+    assert int((conv.detach()[~masks[0]] != 0).sum()) == 0

@@ -126,3 +126,42 @@ def test_evaluation_on_several_threads_equals_one_thread_bitwise():
     for threads in (2, 3, 100):  # uneven runs of batches; more threads than batches
         assert evaluate(model, fd.test, cpu, batch_size=32, threads=threads) == one
     assert 0.0 < one[1] < 1.0 and one[0] > 0.0
+
+
+def test_cpu_training_and_evaluation_in_channels_last_match_the_default_layout(monkeypatch):
+    """On a CPU, conv models train and evaluate channels-last (fl.train.channels_last_helps):
+    the same values as the default layout up to float32 summation order (oneDNN sums a
+    convolution in another order), and the caller's model comes back in the default
+    layout. Tolerance: 1e-5 on weights after 2 epochs, 1e-6 relative on the loss."""
+    import fl.train
+
+    cfg = c.load(None, ["train.local_epochs=2", "train.momentum=0.9"])
+    fd = load_federated(cfg)
+    data, cpu = fd.client(0), torch.device("cpu")
+    start = build_model("cnn", fd.input_shape, 10, seed=0)
+    assert fl.train.channels_last_helps(start, cpu)
+    assert not fl.train.channels_last_helps(build_model("mlp", fd.input_shape, 10), cpu)
+    # GroupNorm is slower channels-last on a CPU (benchmarks/layout.py)
+    assert not fl.train.channels_last_helps(build_model("resnet18_gn", (3, 8, 8), 4), cpu)
+    assert fl.train.channels_last_helps(build_model("resnet8", (3, 8, 8), 4), cpu)
+    models, results, layouts = [], [], []
+    for channels_last in (True, False):
+        monkeypatch.setattr(fl.train, "channels_last_helps", lambda *_, cl=channels_last: cl)
+        model = build_model("cnn", fd.input_shape, 10, seed=0)
+        model.conv2.register_forward_pre_hook(lambda m, _: layouts.append(
+            not m.weight.is_contiguous()
+            and m.weight.is_contiguous(memory_format=torch.channels_last)))
+        results.append(train(model, data, cfg.train, seed=3, device=cpu))
+        models.append(model)
+    monkeypatch.undo()
+    fast, ref = models
+    for (name, p), q in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert p.is_contiguous(), name
+        assert (p - q).abs().max() <= 1e-5, name
+    steps = results[0].steps
+    assert layouts == [True] * steps + [False] * steps  # each run trained in its layout
+    assert abs(results[0].loss - results[1].loss) <= 1e-6 * results[1].loss
+    loss, acc = evaluate(ref, fd.test, cpu)
+    loss_c, acc_c = evaluate(ref, fd.test, cpu, channels_last=False)
+    assert ref.conv2.weight.is_contiguous()  # evaluated on a channels-last copy
+    assert abs(loss - loss_c) <= 1e-6 * loss_c and abs(acc - acc_c) <= 1 / len(fd.test)

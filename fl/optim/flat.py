@@ -24,6 +24,10 @@ class FlatBuffers:
         self.triton = use_triton(backend, self.device)
         self.backend = "triton" if self.triton else "torch"  #: what each step dispatches to
         self.numels = [p.numel() for p in params]
+        # a 4-D parameter stored channels-last (fl.train trains conv models so on a CPU)
+        # keeps that layout as a view of the flat buffer: its entries lie in memory order
+        # there, which the elementwise step does not mind
+        self.channels_last = [_is_channels_last(p) for p in params]
         bounds = [0]
         for k in self.numels:
             bounds.append(bounds[-1] + k)
@@ -45,6 +49,8 @@ class FlatBuffers:
                 if p.grad is not None:
                     self.view(self.grad, i).copy_(p.grad)
                 p.grad = self.view(self.grad, i)
+        # what sync_grads, run at every zero_grad, compares a gradient's strides with
+        self.strides = [p.stride() for p in params]
         self.mask: torch.Tensor | None = None
         self.anchor: torch.Tensor | None = None
         self.state: dict[str, torch.Tensor] = {}
@@ -55,14 +61,21 @@ class FlatBuffers:
         return torch.zeros(self.size, dtype=dtype, device=self.device)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        return flat[self.bounds[i] : self.bounds[i + 1]].view(self.params[i].shape)
+        """Parameter ``i``'s part of ``flat``, shaped (and laid out) as the parameter."""
+        part = flat[self.bounds[i] : self.bounds[i + 1]]
+        shape = self.params[i].shape
+        if self.channels_last[i]:
+            n, c, h, w = shape
+            return part.view(n, h, w, c).permute(0, 3, 1, 2)
+        return part.view(shape)
 
     def sync_grads(self) -> None:
         """Make every ``p.grad`` a view of the flat gradient again (copying if replaced)."""
         base = self.grad.data_ptr()
         for i, p in enumerate(self.params):
             g = p.grad
-            if g is not None and g.data_ptr() == base + 4 * self.bounds[i] and g.is_contiguous():
+            if (g is not None and g.data_ptr() == base + 4 * self.bounds[i]
+                    and g.stride() == self.strides[i]):
                 continue
             view = self.view(self.grad, i)
             if g is None:
@@ -89,6 +102,15 @@ class FlatBuffers:
         self.param.mul_(keep)
         for buf in self.state.values():
             buf.mul_(keep)
+
+
+def _is_channels_last(p: torch.Tensor) -> bool:
+    """A 4-D tensor with the channels-last strides (exactly: a tensor with one channel
+    is contiguous either way, and only its strides tell which layout it was given)."""
+    if p.dim() != 4:
+        return False
+    n, c, h, w = p.shape
+    return p.stride() == (h * w * c, 1, w * c, c) != (c * h * w, h * w, w, 1)
 
 
 def check_masks_arg(name: str, items: Sequence[Any] | None, count: int) -> Sequence[Any]:
