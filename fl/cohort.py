@@ -10,7 +10,7 @@ execution paths compute the same thing:
     client's state and result are bitwise those of the one-client-per-message
     path. ``auto`` takes it on a CPU: a run reproduces today's numbers exactly,
     and on the 2-core host the digits CNN gains nothing from vectorising
-    (0.96x in issue 14's probe, 1.04-1.17x in ``benchmarks/cohort.py``), though
+    (0.96x in issue 14's probe, 1.04-1.14x in ``benchmarks/cohort.py``), though
     ResNet-8, a step of many small ops, gains 2-3x there (docs/RESULTS.md):
     ``mode="vectorised"`` asks for it.
 ``vectorised``
@@ -34,7 +34,9 @@ statistics and FedLD's margin term see exactly what the sequential path sees).
 BatchNorm running statistics are stacked buffers updated in place per client
 under vmap. The results equal the sequential path's up to float32 reduction
 order (vmap runs batched kernels, e.g. a grouped convolution, that sum in
-another order); tests/test_cohort.py measures and bounds that.
+another order, and in the default layout, where the sequential path on a CPU
+trains conv models channels-last: see docs/RESULTS.md on ResNet-8's BatchNorm);
+tests/test_cohort.py measures and bounds that.
 
 Models that vmap cannot batch (random ops such as dropout, data-dependent
 control flow), or batches only by looping over the clients (an op without a
