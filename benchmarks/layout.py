@@ -5,7 +5,7 @@ model in both layouts, and how far one step's float32 gradients are from float64
 
 Speed: seconds of ``fl.train.train`` for one client (32 random images of the model's
 usual input shape, 1 epoch at batch 16, SGD with momentum, torch on one thread, as a
-simulated client) with ``fl.train.channels_last_helps`` forced on and off, timed
+simulated client) with its ``channels_last`` argument on and off, timed
 interleaved (:func:`common.interleaved`, ratio of the minima), beside what
 ``channels_last_helps`` picks for the model.
 
@@ -28,7 +28,6 @@ import argparse
 import copy
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
@@ -60,8 +59,7 @@ def speed(name: str, shape: tuple[int, ...], repeats: int) -> dict:
 
     def client(channels_last: bool) -> None:
         model.load_state_dict(start)
-        with mock.patch.object(fl.train, "channels_last_helps", lambda *_: channels_last):
-            fl.train.train(model, data, cfg, seed=0, device=cpu)
+        fl.train.train(model, data, cfg, seed=0, device=cpu, channels_last=channels_last)
 
     times = interleaved({"default": lambda: client(False),
                          "channels_last": lambda: client(True)}, repeats, cpu, warmup=1)

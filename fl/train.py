@@ -70,6 +70,7 @@ def train(
     proximal_mu: float = 0.0,
     masks: Mapping[str, torch.Tensor] | None = None,
     epochs: int | None = None,
+    channels_last: bool | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` (default ``cfg.local_epochs``) on ``data``.
 
@@ -79,15 +80,16 @@ def train(
     normalised on ``device``, augmented with draws seeded from ``seed``; the identity
     for data used as stored). The objective is
     cross-entropy plus FedLD's margin control when ``margin_lambda > 0``
-    (fl.objectives.margin_loss); pruned entries (``masks``) never move. Where
-    :func:`channels_last_helps` (conv models on a CPU) it trains in the channels-last
-    layout and hands ``model`` back in the default one, also when training fails (the
-    same values up to float32 summation order).
+    (fl.objectives.margin_loss); pruned entries (``masks``) never move. With
+    ``channels_last`` (default: :func:`channels_last_helps`, conv models on a CPU) it
+    trains in the channels-last layout and hands ``model`` back in the default one,
+    also when training fails (the same values up to float32 summation order).
     """
     if len(data) == 0:
         raise ValueError("data: this client has no examples to train on")
     model.to(device).train()
-    channels_last = channels_last_helps(model, device)
+    if channels_last is None:
+        channels_last = channels_last_helps(model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     dev_masks = {n: m.to(device) for n, m in masks.items()} if masks else None
