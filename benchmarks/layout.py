@@ -127,7 +127,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         for name in a.models:
             rows.append(accuracy(name, a.clients, threads))
-    append_record({"machine": machine(cpu), "speed_threads": 1, "speed": speeds,
+    append_record({"machine": machine(cpu), "speed_threads": 1, "repeats": a.repeats,
+                   "speed": speeds,
                    "accuracy": rows},
                   "layout", cpu, None)
 
